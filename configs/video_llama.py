@@ -1,0 +1,72 @@
+"""Video-LLaMA visual branch: model sizes, precision, mesh and demo data settings.
+
+    --config configs/video_llama.py:llama2_7b_chat      (or vicuna_7b, vicuna_13b, llama2_13b_chat, tiny)
+    --config.model.llm.num_layers=2                      (any field can be overridden on the command line)
+
+Tower sizes (EVA ViT-g, BLIP-2 Q-Former, video Q-Former) are the model dataclasses' defaults, so each size is
+written once, in the model file; this file picks the LLM and the precision.
+"""
+import dataclasses
+
+import ml_collections
+
+from vllama_jax.models.eva_vit import EvaVitConfig
+from vllama_jax.models.llama import LlamaConfig
+from vllama_jax.models.video_llama import VideoLlamaConfig
+from vllama_jax.sharding import DEFAULT_RULES
+
+# LLaMA-1-based Vicuna v0 uses RMSNorm eps 1e-6, LLaMA-2 1e-5. Vocabulary 32000 for all four.
+LLMS = {
+    "vicuna_7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, rms_norm_eps=1e-6),
+    "vicuna_13b": dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, rms_norm_eps=1e-6),
+    "llama2_7b_chat": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5),
+    "llama2_13b_chat": dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, rms_norm_eps=1e-5),
+}
+
+# Same structure as the full model, small enough for CPU tests: 28-px frames (4 patches), 2-layer towers,
+# a Q-Former with cross-attention every other layer (as BLIP-2), a GQA LLM.
+TINY = dict(
+    vision=dict(image_size=28, width=48, num_layers=2, num_heads=4, mlp_dim=96),
+    qformer=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=48, cross_attention_freq=2),
+    num_query_tokens=4,
+    video_qformer=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=32, cross_attention_freq=1),
+    num_video_query_tokens=4,
+    max_frame_pos=8,
+    llm=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5),
+)
+
+
+def _model(arg: str) -> dict:
+    full = dataclasses.asdict(VideoLlamaConfig())
+    if arg == "tiny":
+        for key, value in TINY.items():
+            full[key] = {**full[key], **value} if isinstance(value, dict) else value
+        return full
+    if arg not in LLMS:
+        raise ValueError(f"unknown config {arg!r}: expected 'tiny' or one of {sorted(LLMS)}")
+    full["llm"] = dataclasses.asdict(LlamaConfig(**LLMS[arg]))
+    # Frozen towers in bfloat16 (the original runs the ViT and LLaMA in fp16); the trainable video Q-Former,
+    # query tokens, position embedding and llama_proj stay float32.
+    for tower in ("vision", "qformer", "llm"):
+        full[tower].update(dtype="bfloat16", param_dtype="bfloat16", scan_layers=True)
+    full["vision"]["remat_policy"] = "none"
+    full["llm"]["remat_policy"] = "dots_no_batch"
+    return full
+
+
+def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = arg
+    config.seed = 42
+    config.model = _model(arg)
+    config.data = dict(
+        num_frames=8,
+        frame_sampling="uniform",
+        max_txt_len=32,
+        end_sym="\n",
+        tokenizer="",  # a local Hugging Face tokenizer directory; empty = build a small BPE (tiny / demo only)
+    )
+    config.batch_size = 2 if arg == "tiny" else 32
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    config.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]
+    return config

@@ -1,0 +1,37 @@
+"""Install vllama-jax: `pip install -e .` (add `[test]` for the PyTorch references and pytest)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="vllama_jax",
+    version="0.1.0",
+    description="Video-LLaMA in JAX/Flax: audio-visual language model for TPU pods, GPUs and CPUs.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.14",
+    packages=find_packages(include=["vllama_jax", "vllama_jax.*"]),
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.12,<0.3",
+        "tensorflow-datasets>=4.9.9,<5",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21",
+        "safetensors>=0.5",
+        "librosa>=0.11,<0.12",
+        "ml-collections>=1.0,<2",
+        "av>=14,<19",
+        "array-record>=0.7,<0.9",
+        "numpy>=1.26,<3",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "vllama-demo=vllama_jax.demo:cli",
+        ],
+    },
+)

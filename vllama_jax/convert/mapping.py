@@ -1,0 +1,213 @@
+"""The mechanics of moving weights between a PyTorch state dict (original key names) and our parameter tree.
+
+A mapping is a list of `Rule`s, plain data: one original key, one parameter path (or several, for a packed
+tensor), and how the array changes layout. Component modules (`eva_vit.py`, `qformer.py`, `llama.py`) build
+their lists from per-layer tables; `video_llama.py` composes them under the original prefixes.
+
+Conversion always goes through the unscanned layout (`blocks_0`, `blocks_1`, …); `stack_numbered` /
+`unstack_numbered` move between that and a scanned layout (one `blocks` subtree with a leading layer axis).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+# How an array changes between PyTorch and us. All are exact (transposes and reshapes only).
+#   same     identical shape (tokens, norms, embeddings)
+#   bias     (H*D,) <-> (H, D) or any reshape of a 1-D vector
+#   linear   torch (out, in) <-> ours (in, *out_dims): transpose, then reshape the output dims
+#   linear2  torch (out, H*D) <-> ours (H, D, out): transpose, then reshape the two input dims
+#   conv     torch (O, I, kh, kw) <-> ours (kh, kw, I, O)
+#   split3   torch (3*out, in) packed q/k/v <-> three `linear` targets
+TRANSFORMS = ("same", "bias", "linear", "linear2", "conv", "split3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    source: str
+    target: str | tuple[str, ...]
+    transform: str = "same"
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"unknown transform {self.transform!r} for {self.source}")
+        if (self.transform == "split3") != isinstance(self.target, tuple):
+            raise ValueError(f"{self.source}: only split3 takes several targets")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.target if isinstance(self.target, tuple) else (self.target,)
+
+
+def expand_layers(table: Iterable[tuple[str, Any, str]], source: str, target: str) -> list[Rule]:
+    """Rules for one layer: `source`/`target` are the layer's key prefix and parameter path prefix."""
+    out = []
+    for src, tgt, transform in table:
+        tgt_full = tuple(f"{target}/{t}" for t in tgt) if isinstance(tgt, tuple) else f"{target}/{tgt}"
+        out.append(Rule(f"{source}.{src}", tgt_full, transform))
+    return out
+
+
+def prefixed(rules: Iterable[Rule], source_prefix: str, target_prefix: str) -> list[Rule]:
+    """The same rules under a key prefix (e.g. 'visual_encoder.') and a parameter subtree (e.g. 'visual_encoder')."""
+    def tgt(t):
+        return f"{target_prefix}/{t}" if target_prefix else t
+
+    return [
+        Rule(source_prefix + r.source, tuple(tgt(t) for t in r.target) if isinstance(r.target, tuple) else tgt(r.target), r.transform)
+        for r in rules
+    ]
+
+
+def _to_ours(array: np.ndarray, transform: str, shape: tuple[int, ...]) -> np.ndarray:
+    if transform in ("same", "bias"):
+        out = array.reshape(shape)
+    elif transform in ("linear", "linear2"):
+        out = array.T.reshape(shape)
+    elif transform == "conv":
+        out = array.transpose(2, 3, 1, 0).reshape(shape)
+    else:
+        raise AssertionError(transform)
+    return np.ascontiguousarray(out)
+
+
+def _to_torch(array: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "same":
+        return array
+    if transform == "bias":
+        return array.reshape(-1)
+    if transform == "linear":
+        return np.ascontiguousarray(array.reshape(array.shape[0], -1).T)
+    if transform == "linear2":
+        return np.ascontiguousarray(array.reshape(array.shape[0] * array.shape[1], -1).T)
+    if transform == "conv":
+        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+    raise AssertionError(transform)
+
+
+class ConversionError(ValueError):
+    """A state dict does not match the model: names the keys and shapes involved."""
+
+
+def torch_to_flat_params(
+    state_dict: Mapping[str, Any],
+    rules: list[Rule],
+    target_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    source_name: str = "state dict",
+    ignore: Iterable[str] = (),
+) -> dict[str, np.ndarray]:
+    """Map an original-layout state dict to flat {param path: array}, checking every key and shape.
+
+    Every key of `state_dict` must be used by a rule or match a regex in `ignore` (keys dropped on purpose);
+    every rule's key must be present; every produced array must have the shape in `target_shapes`. All
+    problems are collected and raised together, before anything is returned.
+    """
+    ignore_res = [re.compile(p) for p in ignore]
+    problems: list[str] = []
+    used = set()
+    out: dict[str, np.ndarray] = {}
+    for rule in rules:
+        if rule.source not in state_dict:
+            problems.append(f"missing key {rule.source!r} (for {', '.join(rule.targets)})")
+            continue
+        used.add(rule.source)
+        array = to_numpy(state_dict[rule.source])
+        if rule.transform == "split3":
+            if array.shape[0] % 3:
+                problems.append(f"{rule.source}: packed q/k/v of shape {array.shape} is not divisible by 3")
+                continue
+            pieces = [(t, part, "linear") for t, part in zip(rule.targets, np.split(array, 3, axis=0))]
+        else:
+            pieces = [(rule.target, array, rule.transform)]
+        for target, part, transform in pieces:
+            if target not in target_shapes:
+                problems.append(f"{rule.source}: the model has no parameter {target!r}")
+                continue
+            want = tuple(target_shapes[target])
+            if int(np.prod(part.shape)) != int(np.prod(want)) or (transform == "same" and part.shape != want):
+                problems.append(f"{rule.source}: shape {tuple(part.shape)} does not fit {target} {want}")
+                continue
+            out[target] = _to_ours(part, transform, want)
+    unused = [k for k in state_dict if k not in used and not any(r.fullmatch(k) for r in ignore_res)]
+    if unused:
+        problems.append(f"{len(unused)} unexpected keys: {', '.join(sorted(unused)[:20])}")
+    not_filled = sorted(set(target_shapes) - set(out))
+    if not_filled and not problems:
+        problems.append(f"{len(not_filled)} parameters got no value: {', '.join(not_filled[:20])}")
+    if problems:
+        raise ConversionError(f"{source_name}: " + "; ".join(problems))
+    return out
+
+
+def flat_params_to_torch(flat_params: Mapping[str, Any], rules: list[Rule]) -> dict[str, np.ndarray]:
+    """The inverse of `torch_to_flat_params`: {original key: array in PyTorch layout}."""
+    out = {}
+    for rule in rules:
+        missing = [t for t in rule.targets if t not in flat_params]
+        if missing:
+            raise ConversionError(f"no parameter {missing[0]!r} for key {rule.source!r}")
+        if rule.transform == "split3":
+            out[rule.source] = np.concatenate([_to_torch(np.asarray(flat_params[t]), "linear") for t in rule.targets])
+        else:
+            out[rule.source] = _to_torch(np.asarray(flat_params[rule.target]), rule.transform)
+    return out
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (any dtype, bfloat16 included) or array-like -> numpy, without changing the values."""
+    if hasattr(value, "detach"):  # torch.Tensor, imported lazily so torch stays optional
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            import ml_dtypes
+
+            return value.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+# ---- nested <-> flat, scanned <-> unscanned ----
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def stack_numbered(flat: Mapping[str, Any], path: str, count: int) -> dict[str, Any]:
+    """`{path}_0/…` … `{path}_{count-1}/…` -> `{path}/…` with a new leading axis (the scanned layout)."""
+    out = {k: v for k, v in flat.items() if not k.startswith(f"{path}_")}
+    suffixes = sorted({k[len(f"{path}_0/"):] for k in flat if k.startswith(f"{path}_0/")})
+    for suffix in suffixes:
+        out[f"{path}/{suffix}"] = np.stack([np.asarray(flat[f"{path}_{i}/{suffix}"]) for i in range(count)])
+    return out
+
+
+def unstack_numbered(flat: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The inverse of `stack_numbered`."""
+    out = {k: v for k, v in flat.items() if not k.startswith(f"{path}/")}
+    for key, value in flat.items():
+        if key.startswith(f"{path}/"):
+            suffix = key[len(path) + 1:]
+            for i, layer in enumerate(np.asarray(value)):
+                out[f"{path}_{i}/{suffix}"] = layer
+    return out

@@ -1,0 +1,55 @@
+"""Media made on the spot for tests and the CPU demo: an mp4 with a moving square and an optional tone."""
+from __future__ import annotations
+
+import fractions
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def write_test_video(
+    path: str | Path,
+    *,
+    num_frames: int = 24,
+    size: tuple[int, int] = (64, 48),
+    fps: int = 8,
+    color: tuple[int, int, int] = (220, 40, 40),
+    tone_hz: float | None = 440.0,
+    sample_rate: int = 16000,
+) -> Path:
+    """Write an H.264 mp4 (width, height = size) of a square moving left to right; with an AAC sine track
+    at `tone_hz` unless it is None. Returns the path."""
+    path = Path(path)
+    width, height = size
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        audio = None
+        if tone_hz is not None:
+            audio = container.add_stream("aac", rate=sample_rate)
+            audio.layout = "mono"
+        side = max(4, min(width, height) // 3)
+        for i in range(num_frames):
+            image = np.full((height, width, 3), 16, np.uint8)
+            x = int((width - side) * i / max(1, num_frames - 1))
+            image[(height - side) // 2:(height + side) // 2, x:x + side] = color
+            for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if audio is not None:
+            seconds = num_frames / fps
+            t = np.arange(int(seconds * sample_rate)) / sample_rate
+            wave = (0.3 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
+            chunk = 1024
+            for start in range(0, len(wave), chunk):
+                frame = av.AudioFrame.from_ndarray(wave[None, start:start + chunk], format="flt", layout="mono")
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                frame.time_base = fractions.Fraction(1, sample_rate)
+                for packet in audio.encode(frame):
+                    container.mux(packet)
+            for packet in audio.encode():
+                container.mux(packet)
+    return path

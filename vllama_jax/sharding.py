@@ -1,0 +1,81 @@
+"""Sharding, declared once: logical axis names (used by the models) -> mesh axes (`data`, `fsdp`, `tensor`).
+
+Models only name axes. This file holds the default rules table; a config may replace it
+(`config.sharding.logical_axis_rules`). Changing the parallelism means editing the table, never a model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical name, mesh axis or axes or None). The first rule naming a logical axis wins.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations: batch over data-parallel and FSDP replicas
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    # weights: FSDP shards the model width, tensor parallelism the heads / MLP / vocabulary
+    ("embed", "fsdp"),
+    ("encoder_embed", "fsdp"),
+    ("qformer_embed", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+    if len(sizes) != len(MESH_AXES):
+        raise ValueError(f"mesh shape needs {len(MESH_AXES)} sizes for {MESH_AXES}, got {sizes}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_specs(boxed_tree: Any) -> Any:
+    """Tree of logical PartitionSpecs (names, not mesh axes) from boxed (`LogicallyPartitioned`) parameters."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def mesh_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a boxed (abstract or concrete) parameter tree under `rules`.
+
+    A dimension whose size the mesh axes do not divide is replicated instead (tiny test configs, odd vocabularies)
+    so every config runs on every mesh; at full size the default rules divide evenly.
+    """
+    specs = nn.logical_to_mesh(logical_specs(boxed_tree), rules)
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, nn.unbox(boxed_tree))
+
+    def fit(spec, shape):
+        axes = []
+        for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+            names = (axis,) if isinstance(axis, str) else (axis or ())
+            size = math.prod(mesh.shape[n] for n in names)
+            axes.append(axis if size > 1 and dim % size == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*axes))
+
+    return jax.tree_util.tree_map(fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding for a batch-leading input array: dimension 0 over `activation_batch`'s mesh axes."""
+    (spec,) = nn.logical_to_mesh([PartitionSpec("activation_batch", *([None] * (ndim - 1)))], rules)
+    return NamedSharding(mesh, spec)
