@@ -79,3 +79,12 @@ def test_scanned_llm_shards_layers_axis_unsharded(tiny_config):
     boxed = jax.eval_shape(lambda: LlamaForCausalLM(cfg).init(jax.random.key(0), jnp.zeros((2, 4), jnp.int32)))["params"]
     specs = sharding.mesh_shardings(boxed, sharding.make_mesh((2, 2, 2)))
     assert specs["decoder"]["layers"]["gate_proj"]["kernel"].spec == PartitionSpec(None, "fsdp", "tensor")
+
+
+def test_every_parameter_names_its_axes(setup):
+    _, boxed, *_ = setup
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert len(leaves) > 100
+    for leaf in leaves:
+        assert isinstance(leaf, nn.LogicallyPartitioned), type(leaf)
+        assert len(leaf.names) == leaf.value.ndim, (leaf.names, leaf.value.shape)
