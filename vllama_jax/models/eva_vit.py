@@ -45,7 +45,7 @@ class EvaAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kw = dict(dtype=layers.dtype_of(cfg.dtype), param_dtype=layers.dtype_of(cfg.param_dtype))
+        kw = layers.dtypes(cfg)
         heads = (cfg.num_heads, cfg.head_dim)
         q = layers.dense(heads, ("embed", "heads", "kv"), name="query", **kw)(x)
         k = layers.dense(heads, ("embed", "heads", "kv"), name="key", use_bias=False, **kw)(x)
@@ -62,7 +62,7 @@ class EvaBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kw = dict(dtype=layers.dtype_of(cfg.dtype), param_dtype=layers.dtype_of(cfg.param_dtype))
+        kw = layers.dtypes(cfg)
         h = layers.layer_norm(cfg.layer_norm_eps, name="norm1", **kw)(x)
         x = x + EvaAttention(cfg, name="attn")(h)
         h = layers.layer_norm(cfg.layer_norm_eps, name="norm2", **kw)(x)
@@ -125,7 +125,6 @@ def ln_vision(config: EvaVitConfig, name: str = "ln_vision") -> nn.LayerNorm:
     return layers.layer_norm(
         config.ln_vision_eps,
         name=name,
-        dtype=layers.dtype_of(config.dtype),
-        param_dtype=layers.dtype_of(config.param_dtype),
+        **layers.dtypes(config),
     )
 

@@ -23,6 +23,11 @@ def dtype_of(name: str | Any) -> Any:
     return jnp.dtype(name) if isinstance(name, str) else name
 
 
+def dtypes(config: Any) -> dict:
+    """{'dtype', 'param_dtype'} keyword arguments from a tower config's dtype strings."""
+    return dict(dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype))
+
+
 def param_init(init: Callable, axes: Axes) -> Callable:
     """Wrap an initializer so the created parameter carries logical axis names."""
     return nn.with_logical_partitioning(init, axes)

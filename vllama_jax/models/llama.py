@@ -63,7 +63,7 @@ class LlamaAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, padding_mask):
         cfg = self.config
-        kw = dict(dtype=layers.dtype_of(cfg.dtype), param_dtype=layers.dtype_of(cfg.param_dtype), use_bias=False)
+        kw = dict(layers.dtypes(cfg), use_bias=False)
         q = layers.dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
         k = layers.dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), name="k_proj", **kw)(x)
         v = layers.dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), name="v_proj", **kw)(x)
@@ -107,7 +107,7 @@ class LlamaBlock(nn.Module):
     @nn.compact
     def __call__(self, x, positions, padding_mask):
         cfg = self.config
-        kw = dict(dtype=layers.dtype_of(cfg.dtype), param_dtype=layers.dtype_of(cfg.param_dtype))
+        kw = layers.dtypes(cfg)
         h = layers.RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         x = x + LlamaAttention(cfg, self.decode, name="self_attn")(h, positions, padding_mask)
         h = layers.RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
@@ -137,7 +137,7 @@ class LlamaDecoder(nn.Module):
             decode=decode,
         )
         x = blocks(x, positions, padding_mask)
-        kw = dict(dtype=layers.dtype_of(cfg.dtype), param_dtype=layers.dtype_of(cfg.param_dtype))
+        kw = layers.dtypes(cfg)
         return layers.RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x)
 
 
@@ -145,7 +145,7 @@ class LlamaForCausalLM(nn.Module):
     """input_ids or inputs_embeds (B, S[, hidden]) -> float32 logits (B, S, vocab).
 
     padding_mask (B, S): 1 for real tokens (default all ones). positions (B, S): rotary positions (default
-    0..S-1, or continuing from the cache index when decoding).
+    0..S-1; required when decoding).
     """
 
     config: LlamaConfig
@@ -155,8 +155,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
-            dtype=layers.dtype_of(cfg.dtype),
-            param_dtype=layers.dtype_of(cfg.param_dtype),
+            **layers.dtypes(cfg),
             embedding_init=layers.param_init(layers.normal(), ("vocab", "embed")),
         )
         self.decoder = LlamaDecoder(cfg)
@@ -165,8 +164,7 @@ class LlamaForCausalLM(nn.Module):
             ("embed", "vocab"),
             name=None,
             use_bias=False,
-            dtype=layers.dtype_of(cfg.dtype),
-            param_dtype=layers.dtype_of(cfg.param_dtype),
+            **layers.dtypes(cfg),
         )
 
     def embed(self, input_ids):
@@ -187,23 +185,16 @@ class LlamaForCausalLM(nn.Module):
         if padding_mask is None:
             padding_mask = jnp.ones((batch, length), jnp.bool_)
         if positions is None:
-            start = 0
-            if decode and self.has_variable("cache", "decoder"):
-                start = _first_cache_index(self.variables["cache"])
-            positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
+            if decode:
+                raise ValueError("cached decoding needs explicit `positions` (rotary positions of the new tokens)")
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         x = nn.with_logical_constraint(x, layers.BATCH_LENGTH_EMBED)
         x = self.decoder(x, positions, padding_mask, decode)
         return self.lm_head(x).astype(jnp.float32)
 
 
-def _first_cache_index(cache: Any):
-    """The shared write index (every layer's cache_index is equal; with scan it is a stacked vector)."""
-    indices = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(cache) if "cache_index" in jax.tree_util.keystr(path)]
-    return jnp.ravel(indices[0])[0]
-
-
 def init_cache(model: LlamaForCausalLM, params: Any, batch_size: int, max_length: int):
     """A zero KV cache of `max_length` slots for `batch_size` rows (shapes only; no forward pass is run)."""
     ids = jnp.zeros((batch_size, max_length), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.apply({"params": params}, ids, decode=True, mutable=["cache"])[1])
+    shapes = jax.eval_shape(lambda: model.apply({"params": params}, ids, positions=ids, decode=True, mutable=["cache"])[1])
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])

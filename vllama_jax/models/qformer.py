@@ -57,7 +57,7 @@ class QFormerAttention(nn.Module):
     @nn.compact
     def __call__(self, x, context, context_mask):
         cfg = self.config
-        kw = dict(dtype=layers.dtype_of(cfg.dtype), param_dtype=layers.dtype_of(cfg.param_dtype))
+        kw = layers.dtypes(cfg)
         heads = (cfg.num_heads, cfg.head_dim)
         # Cross-attention keys/values read the encoder width; name that axis apart so it can shard differently.
         context_axis = "encoder_embed" if self.is_cross_attention else "embed"
@@ -80,7 +80,7 @@ class QFormerLayer(nn.Module):
     @nn.compact
     def __call__(self, x, encoder_states, encoder_mask):
         cfg = self.config
-        kw = dict(dtype=layers.dtype_of(cfg.dtype), param_dtype=layers.dtype_of(cfg.param_dtype))
+        kw = layers.dtypes(cfg)
         x = QFormerAttention(cfg, False, self.deterministic, name="attention")(x, x, None)
         if self.has_cross_attention:
             x = QFormerAttention(cfg, True, self.deterministic, name="crossattention")(
@@ -118,7 +118,7 @@ class QFormer(nn.Module):
     @nn.compact
     def __call__(self, query_embeds, encoder_states, encoder_mask=None, deterministic: bool = True):
         cfg = self.config
-        kw = dict(dtype=layers.dtype_of(cfg.dtype), param_dtype=layers.dtype_of(cfg.param_dtype))
+        kw = layers.dtypes(cfg)
         if encoder_states.shape[-1] != cfg.encoder_width:
             raise ValueError(
                 f"Q-Former built for encoder width {cfg.encoder_width}, got encoder states {encoder_states.shape}"
