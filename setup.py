@@ -25,6 +25,7 @@ setup(
         "array-record>=0.7,<0.9",
         "numpy>=1.26,<3",
         "absl-py>=2.0",
+        "msgpack>=1.0",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"],
@@ -32,6 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "vllama-demo=vllama_jax.demo:cli",
+            "vllama-prepare=vllama_jax.data.prepare:main",
         ],
     },
 )

@@ -11,6 +11,7 @@ channels while the fbank reads channel 0. `faithful=False` gives the clean varia
 """
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 from pathlib import Path
 
@@ -104,13 +105,15 @@ def fbank_clips(
     return (out - AUDIO_MEAN) / AUDIO_STD
 
 
-def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
-    """The first audio track of a media file as float32 (channels, samples) resampled to `sample_rate` with
-    librosa; None when the file has no audio track."""
+def read_audio(path: str | Path | bytes, sample_rate: int = SAMPLE_RATE, name: str = "<bytes>") -> np.ndarray | None:
+    """The first audio track of a media file (a path, or its encoded bytes) as float32 (channels, samples)
+    resampled to `sample_rate` with librosa; None when the file has no audio track."""
     import librosa
 
+    source = io.BytesIO(path) if isinstance(path, bytes) else str(path)
+    path = name if isinstance(path, bytes) else path
     try:
-        with av.open(str(path)) as container:
+        with av.open(source) as container:
             if not container.streams.audio:
                 return None
             stream = container.streams.audio[0]
@@ -133,9 +136,11 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray |
     return data
 
 
-def load_audio_clips(path: str | Path, clips_per_video: int = 8, faithful: bool = True) -> tuple[np.ndarray, bool]:
+def load_audio_clips(
+    path: str | Path | bytes, clips_per_video: int = 8, faithful: bool = True, name: str = "<bytes>"
+) -> tuple[np.ndarray, bool]:
     """Fbank clips of a file's audio track and whether it had one; a silent video gives zeros and False."""
-    waveform = read_audio(path)
+    waveform = read_audio(path, name=name)
     if waveform is None or waveform.shape[1] < int(0.025 * SAMPLE_RATE):
         return np.zeros((clips_per_video, 1, NUM_MEL_BINS, TARGET_FRAMES), np.float32), False
     return fbank_clips(waveform, SAMPLE_RATE, clips_per_video, faithful), True

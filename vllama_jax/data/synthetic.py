@@ -53,3 +53,19 @@ def write_test_video(
             for packet in audio.encode():
                 container.mux(packet)
     return path
+
+
+def write_test_image(path: str | Path, *, size: tuple[int, int] = (40, 30), color: tuple[int, int, int] = (30, 200, 60)) -> Path:
+    """Write a JPEG (width, height = size): the left half `color`, the right half black. Returns the path."""
+    path = Path(path)
+    width, height = size
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width // 2] = color
+    with av.open(str(path), mode="w", format="image2pipe") as container:
+        stream = container.add_stream("mjpeg", rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

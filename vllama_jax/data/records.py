@@ -1,0 +1,68 @@
+"""One training sample as an ArrayRecord record: the original encoded media bytes plus text and metadata.
+
+A record is a msgpack map. Media are stored exactly as read from disk (no re-encoding); text fields are stored
+as the source's raw UTF-8 bytes, so a caption that is not valid UTF-8 survives ingest and is counted (not
+crashed on) by the pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+import av
+import msgpack
+
+
+@dataclasses.dataclass
+class Sample:
+    id: str
+    dataset: str
+    kind: str  # "video" or "image"
+    media: bytes
+    media_name: str  # the path the bytes came from, relative to the media root
+    caption: bytes | None = None
+    conversation: list[dict[str, bytes]] | None = None  # [{"from": b"human"|b"gpt", "value": b"..."}]
+    duration: float = 0.0
+    fps: float = 0.0
+    num_frames: int = 0
+    has_audio: bool = False
+    width: int = 0
+    height: int = 0
+
+
+def encode(sample: Sample) -> bytes:
+    return msgpack.packb(dataclasses.asdict(sample), use_bin_type=True)
+
+
+def decode(record: bytes) -> Sample:
+    fields = msgpack.unpackb(record, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
+    return Sample(**fields)
+
+
+def probe_media(data: bytes, kind: str) -> dict[str, Any]:
+    """Duration, fps, frame count, audio presence and size of encoded media; ValueError when it cannot be read.
+
+    The first frame is decoded, so a file whose header parses but whose video does not is rejected at ingest.
+    """
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise ValueError("no decodable frame")
+            fps = float(stream.average_rate or 0.0)
+            duration = float(container.duration / av.time_base) if container.duration else 0.0
+            frames = int(stream.frames or 0) or (round(duration * fps) if kind == "video" else 1)
+            return {
+                "duration": duration,
+                "fps": fps,
+                "num_frames": max(frames, 1),
+                "has_audio": bool(container.streams.audio),
+                "width": first.width,
+                "height": first.height,
+            }
+    except av.error.FFmpegError as err:
+        raise ValueError(f"cannot decode: {err}") from err
