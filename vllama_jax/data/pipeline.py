@@ -1,0 +1,199 @@
+"""The input pipeline: ArrayRecord shards -> grain -> fixed-shape numpy batches for the train step.
+
+    source (random access over all shards) → repeat → global shuffle by seed → this host's slice
+    (process_index :: process_count) → decode + transform (per-example seeded rng) → batch → worker processes
+
+Every example has the same shapes, so XLA compiles once. A sample that cannot be used does not stop training
+and is not dropped silently: it becomes an all-masked example (labels all ignored, `example_mask` False) and
+its reason code is in `skip_reason`; repairs (a short video padded by repeating its last frame, a broken audio
+track replaced by silence, a conversation cut to length) are flagged in `repairs`. `reason_counts(batch)`
+turns both into the counters the training metrics report.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+from absl import flags
+import numpy as np
+
+from vllama_jax.constants import IGNORE_INDEX
+from vllama_jax.data import audio, records, text, video
+
+# skip_reason codes (0 = a usable example)
+SKIP_REASONS = {
+    1: "media_unreadable",
+    2: "caption_empty",
+    3: "caption_not_utf8",
+    4: "text_too_long",
+    5: "record_corrupt",
+}
+# repairs bit flags
+REPAIRS = {
+    1: "few_frames_repeated",
+    2: "audio_unreadable_silenced",
+    4: "conversation_truncated",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int  # per host
+    image_size: int = 224
+    num_frames: int = 8  # 1 for image datasets
+    frame_sampling: str = "headtail"  # the original train processor's; eval uses uniform
+    train: bool = True  # random resized crop (train) or resize only (eval)
+    num_soft_tokens: int = 32
+    image_token_id: int = 32000
+    text_length: int = 1 + 32 + 32  # BOS + soft tokens + max_txt_len for captions
+    max_txt_len: int = 32
+    end_sym: str = "\n"
+    with_audio: bool = False
+    clips_per_video: int = 8
+    seed: int = 42
+    num_epochs: int | None = None  # None = repeat forever
+    worker_count: int = 0  # grain worker processes (0 = decode in this process)
+    worker_buffer_size: int = 2
+
+
+class ExampleBuilder(grain.transforms.RandomMap):
+    """record bytes + rng -> one fixed-shape example (dict of numpy arrays)."""
+
+    def __init__(self, config: PipelineConfig, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def random_map(self, record: bytes, rng: np.random.Generator) -> dict[str, Any]:
+        cfg = self.config
+        example = self._empty()
+        try:
+            sample = records.decode(record)
+        except Exception:  # noqa: BLE001 - any unpacking failure is a corrupt record
+            example["skip_reason"] = np.int32(5)
+            return example
+        name = f"{sample.dataset}:{sample.media_name}"
+        try:
+            frames, seconds, repaired = self._frames(sample, rng, name)
+        except ValueError:
+            example["skip_reason"] = np.int32(1)
+            return example
+        example["repairs"] |= np.int32(1 if repaired else 0)
+        try:
+            tokens = self._text(sample, seconds)
+        except _Skip as skip:
+            example["skip_reason"] = np.int32(skip.code)
+            return example
+        example["repairs"] |= np.int32(4 if tokens.pop("truncated", False) else 0)
+        example.update(tokens, frames=frames, example_mask=np.bool_(True))
+        if cfg.with_audio:
+            try:
+                clips, has_audio = audio.load_audio_clips(sample.media, cfg.clips_per_video, name=name) if sample.has_audio else (example["audio"], False)
+            except ValueError:
+                clips, has_audio = example["audio"], False
+                example["repairs"] |= np.int32(2)
+            example.update(audio=clips, audio_mask=np.bool_(has_audio))
+        return example
+
+    def _empty(self) -> dict[str, Any]:
+        cfg = self.config
+        size = cfg.image_size
+        out = {
+            "frames": np.zeros((cfg.num_frames, size, size, 3), np.float32),
+            "input_ids": np.full(cfg.text_length, self.tokenizer.pad_token_id, np.int32),
+            "padding_mask": np.zeros(cfg.text_length, bool),
+            "labels": np.full(cfg.text_length, IGNORE_INDEX, np.int32),
+            "example_mask": np.bool_(False),
+            "skip_reason": np.int32(0),
+            "repairs": np.int32(0),
+        }
+        # a skipped example still needs its placeholders, so the model's splice sees the usual layout
+        out["input_ids"][1:1 + cfg.num_soft_tokens] = cfg.image_token_id
+        if cfg.with_audio:
+            out["audio"] = np.zeros((cfg.clips_per_video, 1, audio.NUM_MEL_BINS, audio.TARGET_FRAMES), np.float32)
+            out["audio_mask"] = np.bool_(False)
+        return out
+
+    def _frames(self, sample: records.Sample, rng, name: str):
+        cfg = self.config
+        if sample.kind == "image" or cfg.num_frames == 1:
+            indices, real = np.zeros(cfg.num_frames, int), 1
+        else:
+            indices, real = video.sample_indices_padded(sample.num_frames, cfg.num_frames, cfg.frame_sampling, rng)
+        if sample.kind == "image":
+            raw, _ = video.read_frames_seeking(sample.media, [0], None, name=name)
+            raw = np.repeat(raw, cfg.num_frames, axis=0)
+        else:
+            raw, _ = video.read_frames_seeking(sample.media, indices, cfg.image_size, name=name)
+        frames = video.train_transform(raw, rng, cfg.image_size) if cfg.train else video.eval_transform(raw, cfg.image_size)
+        fps = sample.fps or 1.0
+        repaired = sample.kind == "video" and real < cfg.num_frames
+        return frames.astype(np.float32), [float(i) / fps for i in indices[:real]], repaired
+
+    def _text(self, sample: records.Sample, seconds: list[float]) -> dict[str, np.ndarray]:
+        cfg = self.config
+        if sample.conversation is not None:
+            try:
+                turns = [{"from": t["from"].decode("utf-8"), "value": t["value"].decode("utf-8")} for t in sample.conversation]
+            except UnicodeDecodeError:
+                raise _Skip(3)
+            prefix = text.media_prefix(sample.kind, cfg.num_soft_tokens, seconds if sample.kind == "video" else None)
+            out = text.conversation_example(self.tokenizer, turns, length=cfg.text_length, prefix=prefix)
+            if (out["input_ids"] == cfg.image_token_id).sum() != cfg.num_soft_tokens or (out["labels"] == IGNORE_INDEX).all():
+                raise _Skip(4)
+            return out
+        try:
+            caption = text.clean_caption((sample.caption or b"").decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _Skip(3)
+        if not caption:
+            raise _Skip(2)
+        return text.caption_example(
+            self.tokenizer, caption, num_soft_tokens=cfg.num_soft_tokens, image_token_id=cfg.image_token_id,
+            max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym, length=cfg.text_length,
+        )
+
+
+class _Skip(Exception):
+    def __init__(self, code: int):
+        super().__init__(SKIP_REASONS[code])
+        self.code = code
+
+
+def make_dataset(
+    shard_paths: Sequence[str],
+    config: PipelineConfig,
+    tokenizer,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """The per-host iterable of batches. Each host reads a disjoint slice of one global shuffled order."""
+    source = grain.sources.ArrayRecordDataSource(list(shard_paths))
+    ds = grain.MapDataset.source(source)
+    if config.num_epochs != 1:
+        ds = ds.repeat(config.num_epochs)
+    ds = ds.shuffle(seed=config.seed)
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(ExampleBuilder(config, tokenizer), seed=config.seed + 1)
+    ds = ds.batch(config.batch_size, drop_remainder=True)
+    it = ds.to_iter_dataset()
+    if config.worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app nobody parsed them
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size)
+        )
+    return it
+
+
+def reason_counts(batch: dict[str, np.ndarray]) -> dict[str, int]:
+    """{'skipped/<reason>': n, 'repaired/<what>': n, 'examples': n} for a batch, for the training metrics."""
+    counts = {"examples": int(np.asarray(batch["example_mask"]).sum())}
+    skip = np.asarray(batch["skip_reason"])
+    for code, name in SKIP_REASONS.items():
+        counts[f"skipped/{name}"] = int((skip == code).sum())
+    repairs = np.asarray(batch["repairs"])
+    for bit, name in REPAIRS.items():
+        counts[f"repaired/{name}"] = int(((repairs & bit) != 0).sum())
+    return counts
