@@ -118,6 +118,7 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, tokenizer):
         video_sample(good, 3, caption=b"caf\xe9"),
         video_sample(short, 4),
         video_sample(good, 5),
+        dataclasses.replace(video_sample(good, 6), num_frames=0),  # zero frames
     ]
     image = write_test_image(tmp_path / "tiny.jpg", size=(3, 2))
     bad.append(Sample("img", "test", "image", image.read_bytes(), "tiny.jpg", caption=b"a tiny image", **probe_media(image.read_bytes(), "image")))
@@ -127,14 +128,65 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, tokenizer):
         writer.write(records.encode(sample))
     writer.write(b"not msgpack at all \xff")
     writer.close()
-    cfg = config(tokenizer, num_epochs=1, batch_size=8)
+    cfg = config(tokenizer, num_epochs=1, batch_size=len(bad) + 1)
     (batch,) = list(make_dataset([str(path)], cfg, tokenizer))
     counts = reason_counts(batch)
     assert counts["examples"] == 3  # the short video (repaired), the good one, the image
-    assert counts["skipped/media_unreadable"] == 2
+    assert counts["skipped/media_unreadable"] == 3
     assert counts["skipped/caption_empty"] == 1 and counts["skipped/caption_not_utf8"] == 1
     assert counts["skipped/record_corrupt"] == 1
     assert counts["repaired/few_frames_repeated"] == 1
     skipped = ~batch["example_mask"]
     assert (batch["labels"][skipped] == IGNORE_INDEX).all() and not batch["frames"][skipped].any()
     assert (batch["input_ids"][:, 1:5] == cfg.image_token_id).all()  # the model's splice still lines up
+
+
+def test_broken_audio_becomes_silence_and_is_counted(shards, tokenizer, monkeypatch):
+    from vllama_jax.data import audio
+
+    def broken(*args, **kwargs):
+        raise ValueError("clip.mp4: cannot decode audio (Invalid data found when processing input)")
+
+    monkeypatch.setattr(audio, "load_audio_clips", broken)
+    batch = next(iter(make_dataset(shards, config(tokenizer, with_audio=True, clips_per_video=2), tokenizer)))
+    assert batch["example_mask"].all() and not batch["audio_mask"].any() and not batch["audio"].any()
+    assert reason_counts(batch)["repaired/audio_unreadable_silenced"] == 4
+
+
+def test_prompts_wrap_the_soft_tokens(shards, tokenizer):
+    cfg = config(tokenizer, prompts=("look <ImageHere> now", "<ImageHere> here"), text_length=24, num_epochs=1, batch_size=12)
+    (batch,) = list(make_dataset(shards, cfg, tokenizer))
+    first_label = [int(np.flatnonzero(row != IGNORE_INDEX)[0]) for row in batch["labels"]]
+    assert len(set(first_label)) == 2  # both prompts were drawn; their tokens are never labels
+    placeholders = batch["input_ids"] == cfg.image_token_id
+    assert (placeholders.sum(axis=1) == 4).all()
+
+
+HOST_SCRIPT = """
+import json, sys
+from vllama_jax.data.pipeline import PipelineConfig, make_dataset
+from vllama_jax.data.tokenizer import load_tokenizer
+tok = load_tokenizer(sys.argv[1])
+cfg = PipelineConfig(batch_size=1, image_size=28, num_frames=4, num_soft_tokens=4, max_txt_len=8, text_length=13,
+                     image_token_id=tok.convert_tokens_to_ids("<ImageHere>"), seed=7, num_epochs=1)
+seen = [b["input_ids"][0].tolist() for b in make_dataset(json.loads(sys.argv[2]), cfg, tok,
+                                                         process_index=int(sys.argv[3]), process_count=2)]
+print(json.dumps(seen))
+"""
+
+
+def test_two_processes_read_disjoint_halves(shards, tokenizer, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    runs = [
+        subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, str(tmp_path / "tok"), json.dumps(shards), str(i)],
+                         stdout=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    halves = [json.loads(run.communicate(timeout=120)[0]) for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    assert len(halves[0]) == len(halves[1]) == 6
+    assert not {tuple(x) for x in halves[0]} & {tuple(x) for x in halves[1]}

@@ -125,3 +125,10 @@ def test_short_videos_are_padded_by_repeating():
     assert real == 8 and list(indices) == [0, 12, 25, 37, 50, 62, 75, 87]
     indices, real = video.sample_indices_padded(5, 8, "headtail", np.random.default_rng(0))
     assert len(indices) == 8 and real == 5 and (indices[real:] == indices[real - 1]).all()
+
+
+def test_bench_runs_and_seeking_wins(tmp_path):
+    from vllama_jax.data import bench
+
+    result = bench.run(num_clips=1, seconds=10.0, repeats=1, workdir=tmp_path)
+    assert result["clips"] == 1 and result["ratio"] > 1.0

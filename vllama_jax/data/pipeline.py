@@ -49,6 +49,8 @@ class PipelineConfig:
     text_length: int = 1 + 32 + 32  # BOS + soft tokens + max_txt_len for captions
     max_txt_len: int = 32
     end_sym: str = "\n"
+    # Caption prompts (each holding one <ImageHere>), one drawn per example; empty = stage 1's bare layout.
+    prompts: tuple[str, ...] = ()
     with_audio: bool = False
     clips_per_video: int = 8
     seed: int = 42
@@ -80,7 +82,7 @@ class ExampleBuilder(grain.transforms.RandomMap):
             return example
         example["repairs"] |= np.int32(1 if repaired else 0)
         try:
-            tokens = self._text(sample, seconds)
+            tokens = self._text(sample, seconds, rng)
         except _Skip as skip:
             example["skip_reason"] = np.int32(skip.code)
             return example
@@ -130,7 +132,7 @@ class ExampleBuilder(grain.transforms.RandomMap):
         repaired = sample.kind == "video" and real < cfg.num_frames
         return frames.astype(np.float32), [float(i) / fps for i in indices[:real]], repaired
 
-    def _text(self, sample: records.Sample, seconds: list[float]) -> dict[str, np.ndarray]:
+    def _text(self, sample: records.Sample, seconds: list[float], rng) -> dict[str, np.ndarray]:
         cfg = self.config
         if sample.conversation is not None:
             try:
@@ -148,10 +150,14 @@ class ExampleBuilder(grain.transforms.RandomMap):
             raise _Skip(3)
         if not caption:
             raise _Skip(2)
-        return text.caption_example(
-            self.tokenizer, caption, num_soft_tokens=cfg.num_soft_tokens, image_token_id=cfg.image_token_id,
-            max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym, length=cfg.text_length,
-        )
+        prompt = cfg.prompts[int(rng.integers(len(cfg.prompts)))] if cfg.prompts else None
+        try:
+            return text.caption_example(
+                self.tokenizer, caption, num_soft_tokens=cfg.num_soft_tokens, image_token_id=cfg.image_token_id,
+                max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym, prompt=prompt, length=cfg.text_length,
+            )
+        except ValueError:  # prompt + caption longer than text_length
+            raise _Skip(4)
 
 
 class _Skip(Exception):
@@ -165,10 +171,15 @@ def make_dataset(
     config: PipelineConfig,
     tokenizer,
     *,
-    process_index: int = 0,
-    process_count: int = 1,
+    process_index: int | None = None,
+    process_count: int | None = None,
 ) -> grain.IterDataset:
-    """The per-host iterable of batches. Each host reads a disjoint slice of one global shuffled order."""
+    """The per-host iterable of batches. Each host reads a disjoint slice of one global shuffled order
+    (by default this JAX process's slice: `jax.process_index()` of `jax.process_count()`)."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
     source = grain.sources.ArrayRecordDataSource(list(shard_paths))
     ds = grain.MapDataset.source(source)
     if config.num_epochs != 1:

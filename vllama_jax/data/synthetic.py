@@ -17,14 +17,17 @@ def write_test_video(
     color: tuple[int, int, int] = (220, 40, 40),
     tone_hz: float | None = 440.0,
     sample_rate: int = 16000,
+    gop_size: int | None = None,
 ) -> Path:
     """Write an H.264 mp4 (width, height = size) of a square moving left to right; with an AAC sine track
-    at `tone_hz` unless it is None. Returns the path."""
+    at `tone_hz` unless it is None; `gop_size` frames between keyframes (default: the encoder's). Returns the path."""
     path = Path(path)
     width, height = size
     with av.open(str(path), mode="w") as container:
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        if gop_size:
+            video.codec_context.gop_size = gop_size
         audio = None
         if tone_hz is not None:
             audio = container.add_stream("aac", rate=sample_rate)

@@ -36,7 +36,8 @@ def frame_indices(num_video_frames: int, n_frms: int, sampling: str = "uniform",
 def read_frames(path: str | Path, indices, image_size: int) -> tuple[np.ndarray, float]:
     """Decode the frames at `indices` resized to image_size², as uint8 (len(indices), H, W, 3); and the fps.
 
-    Frames are decoded in stream order and those not asked for are dropped without colour conversion.
+    The simple reference: every frame up to the last wanted one is decoded in stream order (those not asked
+    for skip colour conversion). `read_frames_seeking` gives the same pixels without decoding the whole clip.
     """
     wanted: dict[int, list[int]] = {}
     for k, i in enumerate(indices):  # an index may repeat (short videos are padded by repeating a frame)
@@ -79,7 +80,7 @@ def normalize(frames_uint8: np.ndarray) -> np.ndarray:
 def load_video(path: str | Path, n_frms: int, image_size: int, sampling: str = "uniform", rng=None) -> np.ndarray:
     """The eval-processor path: n_frms frames of `path`, resized and normalised, (n_frms, H, W, 3) float32."""
     indices = frame_indices(count_frames(path), n_frms, sampling, rng)
-    frames, _ = read_frames(path, indices, image_size)
+    frames, _ = read_frames_seeking(path, indices, image_size)
     return normalize(frames)
 
 
