@@ -22,3 +22,14 @@ def tiny_config():
     from vllama_jax.config import load_config
 
     return load_config(str(REPO / "configs/video_llama.py:tiny"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A small byte-level BPE with LLaMA's special tokens and the placeholders, loaded back from a directory."""
+    from vllama_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
+
+    corpus = ["a red square moves left to right", "the cat sat on the mat", "what moves in the video"] * 4
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_bpe_tokenizer(corpus, vocab_size=300).save_pretrained(path)
+    return load_tokenizer(path)

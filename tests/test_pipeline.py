@@ -10,17 +10,8 @@ from vllama_jax.data import records
 from vllama_jax.data.pipeline import PipelineConfig, make_dataset, reason_counts
 from vllama_jax.data.records import Sample, probe_media
 from vllama_jax.data.synthetic import write_test_image, write_test_video
-from vllama_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
 
 SIZE = 28
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    tok = build_bpe_tokenizer(["a red square moves", "what moves in the video"] * 4, vocab_size=300)
-    path = tmp_path_factory.mktemp("tok")
-    tok.save_pretrained(path)
-    return load_tokenizer(path)
 
 
 def video_sample(path, i, caption=b"a red square moves", **kw):

@@ -5,15 +5,6 @@ import pytest
 from vllama_jax.constants import IGNORE_INDEX
 from vllama_jax.data import text, video
 from vllama_jax.data.synthetic import write_test_video
-from vllama_jax.data.tokenizer import add_placeholders, build_bpe_tokenizer, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    tok = build_bpe_tokenizer(["a red square moves left to right", "the cat sat on the mat"] * 4, vocab_size=300)
-    path = tmp_path_factory.mktemp("tok")
-    tok.save_pretrained(path)
-    return load_tokenizer(path)
 
 
 def test_clean_caption():
