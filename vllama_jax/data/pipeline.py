@@ -12,6 +12,7 @@ turns both into the counters the training metrics report.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Sequence
 
 import grain
@@ -71,19 +72,22 @@ class ExampleBuilder(grain.transforms.RandomMap):
         example = self._empty()
         try:
             sample = records.decode(record)
-        except Exception:  # noqa: BLE001 - any unpacking failure is a corrupt record
+        except Exception as err:  # noqa: BLE001 - any unpacking failure is a corrupt record
+            logging.warning("skipping a corrupt record: %s", err)
             example["skip_reason"] = np.int32(5)
             return example
         name = f"{sample.dataset}:{sample.media_name}"
         try:
             frames, seconds, repaired = self._frames(sample, rng, name)
-        except ValueError:
+        except ValueError as err:  # the message names the file and the problem
+            logging.warning("skipping %s: %s", name, err)
             example["skip_reason"] = np.int32(1)
             return example
         example["repairs"] |= np.int32(1 if repaired else 0)
         try:
             tokens = self._text(sample, seconds, rng)
         except _Skip as skip:
+            logging.warning("skipping %s: %s", name, skip)
             example["skip_reason"] = np.int32(skip.code)
             return example
         example["repairs"] |= np.int32(4 if tokens.pop("truncated", False) else 0)
@@ -91,7 +95,8 @@ class ExampleBuilder(grain.transforms.RandomMap):
         if cfg.with_audio:
             try:
                 clips, has_audio = audio.load_audio_clips(sample.media, cfg.clips_per_video, name=name) if sample.has_audio else (example["audio"], False)
-            except ValueError:
+            except ValueError as err:
+                logging.warning("silencing the audio of %s: %s", name, err)
                 clips, has_audio = example["audio"], False
                 example["repairs"] |= np.int32(2)
             example.update(audio=clips, audio_mask=np.bool_(has_audio))
