@@ -1,0 +1,162 @@
+"""The train step: LAVIS schedule, trainable-only AdamW, accumulation, non-finite skip, sharding equivalence."""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vllama_jax import sharding
+from vllama_jax.config import model_config
+from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama, causal_lm_loss, count_params
+from vllama_jax.train.optimizer import OptimizerConfig, decay_mask, lavis_warmup_cosine, make_optimizer
+from vllama_jax.train.step import init_state, make_train_step, split_params
+
+OPT = OptimizerConfig(init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=4, iters_per_epoch=6, max_epoch=3, grad_clip=1.0)
+
+
+def lavis_lr(cfg, iteration):
+    """LAVIS's LinearWarmupCosineLRScheduler.step(cur_epoch, cur_step), restated."""
+    epoch, step = divmod(iteration, cfg.iters_per_epoch)
+    if epoch == 0:
+        return min(cfg.init_lr, cfg.warmup_lr + (cfg.init_lr - cfg.warmup_lr) * step / max(cfg.warmup_steps, 1))
+    return (cfg.init_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.max_epoch)) + cfg.min_lr
+
+
+def test_schedule_matches_lavis():
+    schedule = lavis_warmup_cosine(OPT)
+    for i in range(20):
+        assert float(schedule(i)) == pytest.approx(lavis_lr(OPT, i), rel=1e-6), i
+
+
+def test_weight_decay_mask():
+    params = {"llama_proj": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)},
+              "video_Qformer": {"query": {"kernel": jnp.zeros((3, 2, 2)), "bias": jnp.zeros((2, 2))}, "ln": {"scale": jnp.zeros(3)}},
+              "video_query_tokens": jnp.zeros((1, 4, 3))}
+    mask = decay_mask(params)
+    assert mask["llama_proj"] == {"kernel": True, "bias": False}
+    assert mask["video_Qformer"]["query"] == {"kernel": True, "bias": False} and not mask["video_Qformer"]["ln"]["scale"]
+    assert mask["video_query_tokens"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_config):
+    cfg = dataclasses.replace(model_config(tiny_config), image_token_id=511)
+    model = VideoLlama(cfg)
+    rng = np.random.default_rng(0)
+    frames = rng.standard_normal((8, 2, 28, 28, 3)).astype(np.float32)
+    ids = rng.integers(3, 500, (8, 12)).astype(np.int32)
+    ids[:, 1:5] = 511
+    batch = {"frames": frames, "input_ids": ids, "padding_mask": np.ones((8, 12), bool),
+             "labels": np.where(np.arange(12) >= 5, ids, -100).astype(np.int32)}
+    boxed = jax.jit(lambda: model.init(jax.random.key(0), frames, ids)["params"])()
+    return model, boxed, batch
+
+
+def run_steps(model, boxed, batch, opt_cfg=OPT, mesh=None, steps=3):
+    optimizer = make_optimizer(opt_cfg)
+    trainable, frozen = split_params(nn.unbox(boxed), VISUAL_TRAINABLE)
+    step_fn = make_train_step(model, optimizer, opt_cfg)
+    if mesh is None:
+        state = init_state(trainable, optimizer, jax.random.key(1))
+        step = jax.jit(step_fn)
+        history = []
+        for _ in range(steps):
+            state, metrics = step(state, frozen, batch)
+            history.append(metrics)
+        return state, frozen, history
+    boxed_trainable, boxed_frozen = split_params(boxed, VISUAL_TRAINABLE)
+    abstract_state = jax.eval_shape(lambda t: init_state(t, optimizer, jax.random.key(1)), boxed_trainable)
+    state_sh = sharding.mesh_shardings(abstract_state, mesh)
+    frozen_sh = sharding.mesh_shardings(boxed_frozen, mesh)
+    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        state = jax.jit(lambda t: init_state(t, optimizer, jax.random.key(1)), out_shardings=state_sh)(trainable)
+        frozen = jax.device_put(frozen, frozen_sh)
+        step = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+        history = []
+        for _ in range(steps):
+            state, metrics = step(state, frozen, jax.device_put(batch, batch_sh))
+            history.append(metrics)
+    return state, frozen, history
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    return run_steps(*setup)
+
+
+def test_loss_falls_and_only_trainable_parameters_move(setup, reference):
+    model, boxed, batch = setup
+    state, frozen, history = reference
+    losses = [float(m["loss"]) for m in history]
+    assert losses[-1] < losses[0]
+    params = nn.unbox(boxed)
+    for name in frozen:  # frozen weights are never touched
+        for a, b in zip(jax.tree_util.tree_leaves(params[name]), jax.tree_util.tree_leaves(frozen[name])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree_util.tree_leaves({k: params[k] for k in VISUAL_TRAINABLE}), jax.tree_util.tree_leaves(state.trainable))]
+    assert all(moved)
+    # Adam moments exist for the trainable parameters only
+    n_trainable = count_params(boxed, VISUAL_TRAINABLE)
+    moments = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0)
+    assert moments == 2 * n_trainable
+    assert [round(float(m["learning_rate"]), 9) for m in history] == [round(lavis_lr(OPT, i), 9) for i in range(3)]
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_sharded_steps_match_one_device(setup, reference, shape):
+    model, boxed, batch = setup
+    ref_state, _, ref_history = reference
+    state, _, history = run_steps(model, boxed, batch, mesh=sharding.make_mesh(shape))
+    for a, b in zip(ref_history, history):
+        assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-5
+    for a, b in zip(jax.tree_util.tree_leaves(ref_state.trainable), jax.tree_util.tree_leaves(state.trainable)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+
+
+def test_gradient_accumulation_averages_micro_batch_losses(setup):
+    model, boxed, batch = setup
+    no_dropout = dataclasses.replace(model.config, video_qformer=dataclasses.replace(model.config.video_qformer, hidden_dropout=0.0, attention_dropout=0.0))
+    model = VideoLlama(no_dropout)
+    accum = dataclasses.replace(OPT, grad_accum=2, grad_clip=0.0)
+    state, _, (metrics,) = run_steps(model, boxed, batch, accum, steps=1)
+    # the same update by hand: mean of the two half-batch mean losses, one AdamW step at LAVIS iteration 1
+    trainable, frozen = split_params(nn.unbox(boxed), VISUAL_TRAINABLE)
+
+    def loss(t):
+        halves = [{k: v[i * 4:(i + 1) * 4] for k, v in batch.items()} for i in range(2)]
+        return sum(causal_lm_loss(model.apply({"params": {**frozen, **t}}, h["frames"], h["input_ids"], h["padding_mask"])[0], h["labels"])[0] for h in halves) / 2
+
+    grads = jax.grad(loss)(trainable)
+    tx = optax.adamw(lavis_lr(accum, 1), b1=0.9, b2=0.999, eps=1e-8, weight_decay=accum.weight_decay, mask=decay_mask)
+    updates, _ = tx.update(grads, tx.init(trainable), trainable)
+    expected = optax.apply_updates(trainable, updates)
+    assert float(metrics["loss"]) == pytest.approx(float(loss(trainable)), abs=1e-6)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.global_norm(grads)), rel=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(state.trainable)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=0)
+
+
+def test_non_finite_loss_skips_the_update(setup):
+    model, boxed, batch = setup
+    bad = dict(batch, frames=np.full_like(batch["frames"], np.nan))
+    state, _, (metrics,) = run_steps(model, boxed, bad, steps=1)
+    assert not bool(metrics["finite"]) and int(state.skipped) == 1 and int(state.step) == 1
+    trainable, _ = split_params(nn.unbox(boxed), VISUAL_TRAINABLE)
+    for a, b in zip(jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(state.trainable)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_optimizer_decays_weight_matrices_only():
+    cfg = dataclasses.replace(OPT, weight_decay=0.5, grad_clip=0.0)
+    tx = make_optimizer(cfg)
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2), "scale": jnp.ones(2)}
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["kernel"]), -cfg.init_lr * 0.5, rtol=1e-6)
+    assert not np.asarray(updates["bias"]).any() and not np.asarray(updates["scale"]).any()
