@@ -34,6 +34,7 @@ setup(
         "console_scripts": [
             "vllama-demo=vllama_jax.demo:cli",
             "vllama-prepare=vllama_jax.data.prepare:main",
+            "vllama-train=vllama_jax.train.main:cli",
         ],
     },
 )

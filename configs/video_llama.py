@@ -14,6 +14,7 @@ from vllama_jax.models.eva_vit import EvaVitConfig
 from vllama_jax.models.llama import LlamaConfig
 from vllama_jax.models.video_llama import VideoLlamaConfig
 from vllama_jax.sharding import DEFAULT_RULES
+from vllama_jax.train.optimizer import OptimizerConfig
 
 # LLaMA-1-based Vicuna v0 uses RMSNorm eps 1e-6, LLaMA-2 1e-5. Vocabulary 32000 for all four.
 LLMS = {
@@ -65,8 +66,17 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
         max_txt_len=32,
         end_sym="\n",
         tokenizer="",  # a local Hugging Face tokenizer directory; empty = build a small BPE (tiny / demo only)
+        shards="",  # a vllama-prepare output folder (its manifest.json); empty = synthetic clips (tiny only)
+        synthetic_clips=0,
     )
     config.batch_size = 2 if arg == "tiny" else 32
+    # vision stage 1 (SPEC §8): AdamW, wd 0.05, warmup 1e-6 -> 1e-4 over 2500 iterations, cosine to 8e-5, 5 x 2500
+    config.optimizer = dataclasses.asdict(OptimizerConfig())
+    config.train = dict(steps=5 * 2500, checkpoint_every=500, keep=3, max_nonfinite=10, log_every=50)
+    if arg == "tiny":
+        config.optimizer.update(init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=4, iters_per_epoch=8, max_epoch=3)
+        config.train.update(steps=12, checkpoint_every=4, log_every=1)
+        config.data.update(num_frames=4, max_txt_len=16, synthetic_clips=12, shards="")
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]
     return config

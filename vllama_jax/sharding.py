@@ -62,7 +62,9 @@ def mesh_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]
     so every config runs on every mesh; at full size the default rules divide evenly.
     """
     specs = nn.logical_to_mesh(logical_specs(boxed_tree), rules)
-    shapes = jax.tree_util.tree_map(lambda x: x.shape, nn.unbox(boxed_tree))
+    # read shapes without unboxing: unboxing applies sharding constraints when called under a mesh context
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    shapes = jax.tree_util.tree_map(lambda x: (x.value if is_box(x) else x).shape, boxed_tree, is_leaf=is_box)
 
     def fit(spec, shape):
         axes = []

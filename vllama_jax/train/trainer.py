@@ -1,0 +1,171 @@
+"""The training loop, top to bottom: data → model → sharded state → steps → metrics and orbax checkpoints.
+
+A run lives in one work directory (`checkpoints/`, `metrics.jsonl`, and for the tiny default `data/` and
+`tokenizer/`). Starting again in the same directory resumes from the newest complete checkpoint: the train
+state (trainable parameters, optimizer state, step, rng, skip count) and the data iterator's position, so the
+resumed run computes exactly what the uninterrupted one would have. SIGTERM (preemption) saves at the next step
+boundary and returns normally. Frozen weights are not checkpointed: they come from their own source (today the
+config's seed; a converted checkpoint once `vllama-convert` lands).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vllama_jax import sharding
+from vllama_jax.config import model_config
+from vllama_jax.constants import IMAGE_PLACEHOLDER
+from vllama_jax.data.pipeline import PipelineConfig, make_dataset, reason_counts
+from vllama_jax.data.prepare import prepare, shard_paths
+from vllama_jax.data.synthetic import write_test_video
+from vllama_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
+from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama
+from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
+from vllama_jax.train.step import init_state, make_train_step, split_params
+
+MODEL_INPUTS = ("frames", "input_ids", "padding_mask", "labels")
+SYNTHETIC_COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220), "yellow": (230, 220, 40)}
+
+
+def synthetic_data(workdir: Path, num_clips: int, vocab_size: int):
+    """The tiny default: mp4 clips of a coloured square moving right, captioned, ingested with vllama-prepare;
+    a BPE tokenizer trained on the captions. Reused when already in `workdir`."""
+    data, media = workdir / "data", workdir / "data" / "media"
+    if not (data / "manifest.json").exists():
+        media.mkdir(parents=True, exist_ok=True)
+        rows = ["videoid,name,page_dir"]
+        for i in range(num_clips):
+            color = list(SYNTHETIC_COLORS)[i % len(SYNTHETIC_COLORS)]
+            write_test_video(media / f"clip{i}.mp4", num_frames=16 + i % 5, color=SYNTHETIC_COLORS[color], tone_hz=None)
+            rows.append(f"clip{i},A {color} square moves from left to right.,.")
+        (data / "annotations.csv").write_text("\n".join(rows) + "\n")
+        prepare("webvid", data / "annotations.csv", media, data, name="synthetic", records_per_shard=8, log=lambda *_: None)
+    if not (workdir / "tokenizer").exists():
+        captions = [line.split(",")[1] for line in (data / "annotations.csv").read_text().splitlines()[1:]]
+        build_bpe_tokenizer([c.lower() for c in captions] * 4, vocab_size=vocab_size).save_pretrained(workdir / "tokenizer")
+    return shard_paths(data), load_tokenizer(workdir / "tokenizer")
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks at each step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config, workdir: str | Path, log=print) -> dict:
+    """Run (or resume) `config` in `workdir`; returns a summary. Metrics go to workdir/metrics.jsonl."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_cfg, opt_cfg = config.train, OptimizerConfig(**config.optimizer.to_dict())
+
+    # data
+    if config.data.shards:
+        shards, tokenizer = shard_paths(config.data.shards), load_tokenizer(config.data.tokenizer)
+    else:
+        shards, tokenizer = synthetic_data(workdir, config.data.synthetic_clips, config.model.llm.vocab_size)
+    model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
+    pipeline_cfg = PipelineConfig(
+        batch_size=config.batch_size // jax.process_count(),
+        image_size=model_cfg.vision.image_size,
+        num_frames=config.data.num_frames,
+        frame_sampling=config.data.frame_sampling,
+        num_soft_tokens=model_cfg.num_video_query_tokens,
+        image_token_id=model_cfg.image_token_id,
+        text_length=1 + model_cfg.num_video_query_tokens + config.data.max_txt_len,
+        max_txt_len=config.data.max_txt_len,
+        end_sym=config.data.end_sym,
+        seed=config.seed,
+        worker_count=config.data.get("worker_count", 0),
+    )
+    iterator = iter(make_dataset(shards, pipeline_cfg, tokenizer))
+
+    # model and sharded state
+    model = VideoLlama(model_cfg)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rules = [tuple(r) for r in config.logical_axis_rules]
+    sample = next(iter(make_dataset(shards, pipeline_cfg, tokenizer)))
+    init = lambda: model.init(jax.random.PRNGKey(config.seed), sample["frames"][:1], sample["input_ids"][:1])["params"]  # noqa: E731
+    boxed = jax.eval_shape(init)
+    boxed_trainable, boxed_frozen = split_params(boxed, VISUAL_TRAINABLE)
+    optimizer = make_optimizer(opt_cfg)
+    make_state = lambda params: init_state(split_params(params, VISUAL_TRAINABLE)[0], optimizer, jax.random.PRNGKey(config.seed + 1))  # noqa: E731
+    abstract_state = jax.eval_shape(lambda t: init_state(t, optimizer, jax.random.PRNGKey(0)), boxed_trainable)
+    state_shardings = sharding.mesh_shardings(abstract_state, mesh, rules)
+    frozen_shardings = sharding.mesh_shardings(boxed_frozen, mesh, rules)
+    batch_shardings = {k: sharding.batch_sharding(mesh, sample[k].ndim, rules) for k in MODEL_INPUTS}
+    step_fn = jax.jit(
+        make_train_step(model, optimizer, opt_cfg),
+        in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+
+    manager = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep, enable_async_checkpointing=True),
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = jax.jit(lambda: nn.unbox(init()), out_shardings=sharding.mesh_shardings(boxed, mesh, rules))()
+        frozen = split_params(params, VISUAL_TRAINABLE)[1]
+        latest = manager.latest_step()  # only complete checkpoints count: orbax commits by an atomic rename
+        if latest is None:
+            state = jax.jit(make_state, out_shardings=state_shardings)(params)
+        else:
+            abstract = jax.tree_util.tree_map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                jax.eval_shape(make_state, params), state_shardings,
+            )
+            restored = manager.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
+            state = restored["state"]
+            log(f"resumed from step {latest}")
+        del params
+
+        preemption = _Preemption()
+        start_step, stop_reason = int(state.step), "done"
+        try:
+            with open(workdir / "metrics.jsonl", "a") as metrics_file:
+                for step in range(start_step, train_cfg.steps):
+                    batch = next(iterator)
+                    started = time.perf_counter()
+                    inputs = jax.device_put({k: batch[k] for k in MODEL_INPUTS}, batch_shardings)
+                    state, metrics = step_fn(state, frozen, inputs)
+                    values = {k: v.item() for k, v in jax.device_get(metrics).items()}  # waits for the step
+                    record = {"step": step + 1, **values, **reason_counts(batch), "seconds": round(time.perf_counter() - started, 4)}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    if step % train_cfg.log_every == 0:
+                        log(f"step {step + 1}: loss {record['loss']:.4f} lr {record['learning_rate']:.2e}")
+                    if int(state.skipped) > train_cfg.max_nonfinite:
+                        stop_reason = f"stopped: {int(state.skipped)} non-finite steps (max_nonfinite={train_cfg.max_nonfinite})"
+                        break
+                    if (step + 1) % train_cfg.checkpoint_every == 0 or preemption.requested or step + 1 == train_cfg.steps:
+                        manager.save(step + 1, args=ocp.args.Composite(
+                            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+                    if preemption.requested:
+                        stop_reason = "preempted"
+                        break
+        finally:
+            preemption.restore()
+            manager.wait_until_finished()
+            manager.close()
+    log(stop_reason)
+    return {"steps": int(state.step), "skipped": int(state.skipped), "stop": stop_reason}
