@@ -1,7 +1,7 @@
 """The input pipeline: ArrayRecord shards -> grain -> fixed-shape numpy batches for the train step.
 
-    source (random access over all shards) → repeat → global shuffle by seed → this host's slice
-    (process_index :: process_count) → decode + transform (per-example seeded rng) → batch → worker processes
+    source (random access over all shards) → repeat → global shuffle by seed → decode + transform (rng seeded by
+    the global position; lazy) → this host's rows of each global batch → batch → worker processes
 
 Every example has the same shapes, so XLA compiles once. A sample that cannot be used does not stop training
 and is not dropped silently: it becomes an all-masked example (labels all ignored, `example_mask` False) and
@@ -171,6 +171,23 @@ class _Skip(Exception):
         self.code = code
 
 
+class _ProcessSlice:
+    """This process's part of each global batch, as a random-access view: local element j of process p is
+    global element (j // b) · (b · P) + p · b + j % b (b = per-process batch, P = process count). Process
+    p's rows therefore sit at rows p·b … p·b + b − 1 of every global batch, the layout
+    `jax.make_array_from_process_local_data` assembles, so a multi-host run sees the single-host batches."""
+
+    def __init__(self, dataset, process_index: int, process_count: int, local_batch: int):
+        self.dataset, self.index, self.count, self.local_batch = dataset, process_index, process_count, local_batch
+
+    def __len__(self):
+        return len(self.dataset) // (self.local_batch * self.count) * self.local_batch
+
+    def __getitem__(self, j):
+        b = self.local_batch
+        return self.dataset[(j // b) * b * self.count + self.index * b + j % b]
+
+
 def make_dataset(
     shard_paths: Sequence[str],
     config: PipelineConfig,
@@ -180,7 +197,8 @@ def make_dataset(
     process_count: int | None = None,
 ) -> grain.IterDataset:
     """The per-host iterable of batches. Each host reads a disjoint slice of one global shuffled order
-    (by default this JAX process's slice: `jax.process_index()` of `jax.process_count()`)."""
+    (by default this JAX process's slice: `jax.process_index()` of `jax.process_count()`); every example's
+    random transform is seeded by its global position, so the global batches do not depend on the host count."""
     if process_index is None or process_count is None:
         import jax
 
@@ -190,8 +208,8 @@ def make_dataset(
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
     ds = ds.shuffle(seed=config.seed)
-    ds = ds[process_index::process_count]
-    ds = ds.random_map(ExampleBuilder(config, tokenizer), seed=config.seed + 1)
+    ds = ds.random_map(ExampleBuilder(config, tokenizer), seed=config.seed + 1)  # lazy: only this host's examples run
+    ds = grain.MapDataset.source(_ProcessSlice(ds, process_index, process_count, config.batch_size))
     ds = ds.batch(config.batch_size, drop_remainder=True)
     it = ds.to_iter_dataset()
     if config.worker_count > 0:

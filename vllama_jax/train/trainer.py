@@ -9,6 +9,7 @@ config's seed; a converted checkpoint once `vllama-convert` lands).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vllama_jax import sharding
 from vllama_jax.config import model_config
@@ -54,6 +56,23 @@ def synthetic_data(workdir: Path, num_clips: int, vocab_size: int):
         captions = [line.split(",")[1] for line in (data / "annotations.csv").read_text().splitlines()[1:]]
         build_bpe_tokenizer([c.lower() for c in captions] * 4, vocab_size=vocab_size).save_pretrained(workdir / "tokenizer")
     return shard_paths(data), load_tokenizer(workdir / "tokenizer")
+
+
+def startup_summary(mesh, boxed_params, abstract_state) -> list[str]:
+    """What a run states before its first step: devices, mesh, parameter and optimizer-state sizes."""
+    def size(tree):
+        leaves = jax.tree_util.tree_leaves(nn.unbox(tree))
+        return sum(int(np.prod(x.shape)) for x in leaves), sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+
+    trainable, frozen = split_params(boxed_params, VISUAL_TRAINABLE)
+    (n_train, b_train), (n_frozen, b_frozen) = size(trainable), size(frozen)
+    _, b_opt = size(abstract_state.opt_state)
+    devices = jax.devices()
+    return [
+        f"{jax.process_count()} process(es), {len(devices)} {devices[0].platform} device(s), mesh {dict(mesh.shape)}",
+        f"parameters: {n_train:,} trainable ({b_train / 2**20:.1f} MiB), {n_frozen:,} frozen ({b_frozen / 2**20:.1f} MiB)",
+        f"optimizer state: {b_opt / 2**20:.1f} MiB, for the trainable parameters only",
+    ]
 
 
 class _Preemption:
@@ -118,6 +137,9 @@ def train(config, workdir: str | Path, log=print) -> dict:
         donate_argnums=0,
     )
 
+    if jax.process_index() == 0:
+        for line in startup_summary(mesh, boxed, abstract_state):
+            log(line)
     manager = ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep, enable_async_checkpointing=True),
@@ -140,27 +162,31 @@ def train(config, workdir: str | Path, log=print) -> dict:
         del params
 
         preemption = _Preemption()
+        is_main = jax.process_index() == 0
         start_step, stop_reason = int(state.step), "done"
         try:
-            with open(workdir / "metrics.jsonl", "a") as metrics_file:
+            with open(workdir / "metrics.jsonl", "a") if is_main else contextlib.nullcontext() as metrics_file:
                 for step in range(start_step, train_cfg.steps):
                     batch = next(iterator)
                     started = time.perf_counter()
-                    inputs = jax.device_put({k: batch[k] for k in MODEL_INPUTS}, batch_shardings)
+                    # each process contributes its own slice of the global batch, in process order
+                    inputs = {k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in MODEL_INPUTS}
                     state, metrics = step_fn(state, frozen, inputs)
                     values = {k: v.item() for k, v in jax.device_get(metrics).items()}  # waits for the step
                     record = {"step": step + 1, **values, **reason_counts(batch), "seconds": round(time.perf_counter() - started, 4)}
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    if step % train_cfg.log_every == 0:
+                    if metrics_file:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                    if is_main and step % train_cfg.log_every == 0:
                         log(f"step {step + 1}: loss {record['loss']:.4f} lr {record['learning_rate']:.2e}")
                     if int(state.skipped) > train_cfg.max_nonfinite:
                         stop_reason = f"stopped: {int(state.skipped)} non-finite steps (max_nonfinite={train_cfg.max_nonfinite})"
                         break
-                    if (step + 1) % train_cfg.checkpoint_every == 0 or preemption.requested or step + 1 == train_cfg.steps:
+                    preempted = preemption.requested if jax.process_count() == 1 else multihost_utils.reached_preemption_sync_point(step + 1)
+                    if (step + 1) % train_cfg.checkpoint_every == 0 or preempted or step + 1 == train_cfg.steps:
                         manager.save(step + 1, args=ocp.args.Composite(
                             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
-                    if preemption.requested:
+                    if preempted:
                         stop_reason = "preempted"
                         break
         finally:

@@ -1,0 +1,58 @@
+"""Two local CPU processes as one JAX job (coordinator on localhost), each feeding half of every batch."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from test_trainer import losses, synthetic  # noqa: F401  (the shared synthetic-data fixture)
+
+ARGS = ["--config=configs/video_llama.py:tiny", "--config.train.steps=6", "--config.train.checkpoint_every=3",
+        "--config.batch_size=4"]
+
+
+def env():
+    out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def prepared(path, synthetic):  # noqa: F811
+    for name in ("data", "tokenizer"):
+        shutil.copytree(synthetic / name, path / name)
+    return path
+
+
+def test_two_processes_train_like_one(repo_root, tmp_path, synthetic):  # noqa: F811
+    single = prepared(tmp_path / "single", synthetic)
+    result = subprocess.run(["vllama-train", *ARGS, f"--workdir={single}"], cwd=repo_root, env=env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    shared = prepared(tmp_path / "two", synthetic)
+    port = free_port()
+    procs = [
+        subprocess.Popen(["vllama-train", *ARGS, f"--workdir={shared}", f"--coordinator_address=localhost:{port}",
+                          "--num_processes=2", f"--process_id={i}"],
+                         cwd=repo_root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    one, two = losses(single), losses(shared)
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:  # same global batches; only the reduction order differs across two devices
+        assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
+    assert sorted(os.listdir(shared / "checkpoints")) == ["3", "6"]
+    # the second process had its own half of the data: its batches were not the first process's
+    records = [json.loads(line) for line in (shared / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["examples"] == 2 for r in records)  # per-process counts: 2 of each global batch of 4
