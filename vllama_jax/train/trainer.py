@@ -98,7 +98,10 @@ def train(config, workdir: str | Path, log=print) -> dict:
     # data
     if config.data.shards:
         shards, tokenizer = shard_paths(config.data.shards), load_tokenizer(config.data.tokenizer)
-    else:
+    else:  # made by process 0 in the (shared) work directory, then read by all
+        if jax.process_index() == 0:
+            synthetic_data(workdir, config.data.synthetic_clips, config.model.llm.vocab_size)
+        multihost_utils.sync_global_devices("synthetic data written")
         shards, tokenizer = synthetic_data(workdir, config.data.synthetic_clips, config.model.llm.vocab_size)
     model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
     pipeline_cfg = PipelineConfig(
@@ -120,8 +123,13 @@ def train(config, workdir: str | Path, log=print) -> dict:
     model = VideoLlama(model_cfg)
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = [tuple(r) for r in config.logical_axis_rules]
-    sample = next(iter(make_dataset(shards, pipeline_cfg, tokenizer)))
-    init = lambda: model.init(jax.random.PRNGKey(config.seed), sample["frames"][:1], sample["input_ids"][:1])["params"]  # noqa: E731
+    size = pipeline_cfg.image_size
+    sample = {  # one example's shapes, as the pipeline makes them
+        "frames": jnp.zeros((1, pipeline_cfg.num_frames, size, size, 3), jnp.float32),
+        "input_ids": jnp.zeros((1, pipeline_cfg.text_length), jnp.int32),
+    }
+    sample["padding_mask"] = sample["labels"] = sample["input_ids"]
+    init = lambda: model.init(jax.random.PRNGKey(config.seed), sample["frames"], sample["input_ids"])["params"]  # noqa: E731
     boxed = jax.eval_shape(init)
     boxed_trainable, boxed_frozen = split_params(boxed, VISUAL_TRAINABLE)
     optimizer = make_optimizer(opt_cfg)
