@@ -1,34 +1,21 @@
 """Two local CPU processes as one JAX job (coordinator on localhost), each feeding half of every batch."""
 import json
 import os
-import shutil
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
+from test_trainer import environment as env
 from test_trainer import losses, synthetic  # noqa: F401  (the shared synthetic-data fixture)
+from test_trainer import workdir_with_data as prepared
 
 ARGS = ["--config=configs/video_llama.py:tiny", "--config.train.steps=6", "--config.train.checkpoint_every=3",
         "--config.batch_size=4"]
-
-
-def env():
-    out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
-    return out
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
-
-
-def prepared(path, synthetic):  # noqa: F811
-    for name in ("data", "tokenizer"):
-        shutil.copytree(synthetic / name, path / name)
-    return path
 
 
 def test_two_processes_train_like_one(repo_root, tmp_path, synthetic):  # noqa: F811

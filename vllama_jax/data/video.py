@@ -5,8 +5,10 @@ decoding (aspect ratio not kept), then normalises with the CLIP mean and std.
 """
 from __future__ import annotations
 
+import bisect
 import io
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -64,7 +66,13 @@ def read_frames(path: str | Path, indices, image_size: int) -> tuple[np.ndarray,
 
 def count_frames(path: str | Path) -> int:
     """Frame count from the container header, or by demuxing packets when the header does not say."""
-    with av.open(str(path)) as container:
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as err:
+        raise ValueError(f"{path}: cannot open video ({err})") from err
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
         if stream.frames:
             return int(stream.frames)
@@ -96,64 +104,170 @@ def sample_indices_padded(num_video_frames: int, n_frms: int, sampling: str, rng
     return np.concatenate([indices, np.full(n_frms - real, indices[-1], int)]), real
 
 
-def read_frames_seeking(source, indices, image_size: int | None, name: str | None = None) -> tuple[np.ndarray, float]:
-    """Frames at `indices` (any order, repeats allowed) as uint8 (len, S, S, 3), or at native size when
-    image_size is None; and the average fps. `source` is a path or the encoded bytes (`name` labels errors).
+def _source_label(source, name: str | None) -> str:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<bytes> {name}" if name else "<bytes>"
+    return f"{source} ({name})" if name and name != str(source) else str(source)
 
-    Seeks to the keyframe before each wanted frame instead of decoding the whole stream, and keeps decoding
-    forward when the next wanted frame is near. A frame's index is its presentation time × the average frame
-    rate, which is its position in the stream for constant-frame-rate video (what decord's index means there).
+
+def _open(source):
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return av.open(io.BytesIO(source))
+    return av.open(str(source))
+
+
+class _SeekingDecoder:
+    """Frames of one video stream by index, seeking only when that saves decoding.
+
+    A frame's index is round((pts − start_time) · time_base · average fps). To reach frame t it either keeps
+    decoding forward from the current position p (when no keyframe lies in (p, t], i.e. t is in the GOP being
+    decoded) or seeks to the keyframe at or before t's presentation time. After a seek, frames output before
+    the first keyframe (open-GOP leading pictures, whose references were skipped) are not trusted; if the first
+    trusted frame is already past t the seek landed too late (demuxers seek on decode time stamps), and it
+    backs off further, doubling the step, down to decoding from the start of the stream.
     """
-    label = name or (str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>")
-    wanted = sorted(set(int(i) for i in indices))
-    if not wanted:
+
+    def __init__(self, container, stream, label: str):
+        self.container, self.stream, self.label = container, stream, label
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate or rate <= 0:
+            raise ValueError(f"{label}: unknown frame rate")
+        self.rate = Fraction(rate)
+        self.time_base = Fraction(stream.time_base)
+        self.start = stream.start_time if stream.start_time is not None else 0
+        self.keyframes = self._indexed_keyframes()
+        self.seen_keyframes: list[int] = []
+        self.frames = None  # the decode generator of the current run
+        self.position: int | None = None  # index of the last frame output in the current run
+        self.trusted = False  # a keyframe has been output since the last seek
+        self.from_start = False  # the current run started at the beginning of the stream
+        self.decoded_any = False
+        self.decoded_frames = 0  # for tests and the benchmark
+        self.seeks = 0
+
+    def _indexed_keyframes(self) -> list[int] | None:
+        """Keyframe indices from the container's index (mp4, mkv with cues), or None when it has none or only
+        part of the stream. Index timestamps are decode times; they are shifted by the first frame's
+        decode-to-presentation delay, so this is an estimate used only to choose between seeking and decoding on."""
+        entries = self.stream.index_entries
+        count = len(entries)
+        if count == 0 or (self.stream.frames and count < self.stream.frames):
+            return None
+        shift = self.start - entries[0].timestamp
+        return [self.index_of(e.timestamp + shift) for e in entries if e.is_keyframe]
+
+    def index_of(self, pts: int) -> int:
+        return round((pts - self.start) * self.time_base * self.rate)
+
+    def timestamp_of(self, index: int) -> int:
+        return int(self.start + Fraction(index) / self.rate / self.time_base)
+
+    def _keyframe_between(self, low: int, high: int) -> bool:
+        """Whether a keyframe is (known or expected to be) at an index in (low, high]."""
+        if self.keyframes is not None:
+            i = bisect.bisect_right(self.keyframes, low)
+            return i < len(self.keyframes) and self.keyframes[i] <= high
+        seen = self.seen_keyframes
+        if len(seen) >= 2:  # no index: expect the next keyframe one (largest seen) GOP after the last one
+            gop = max(b - a for a, b in zip(seen, seen[1:]))
+            upcoming = seen[-1] + gop
+            while upcoming <= low:
+                upcoming += gop
+            return upcoming <= high
+        return high - low > max(2, int(2 * self.rate))  # GOP unknown yet: assume about 2 s
+
+    def _seek(self, index: int | None):
+        """Seek to the keyframe at or before frame `index`, or to the start of the stream when None."""
+        if index is None:
+            self.container.seek(self.start, stream=self.stream, backward=True, any_frame=False)
+        else:
+            self.container.seek(self.timestamp_of(index), stream=self.stream, backward=True, any_frame=False)
+        self.frames = self.container.decode(self.stream)
+        self.position, self.trusted, self.from_start = None, index is None, index is None
+        self.seeks += 1
+
+    def _next(self):
+        """The next trusted frame of the current run and its index, or (None, None) at the end of the stream."""
+        for frame in self.frames:
+            self.decoded_any = True
+            self.decoded_frames += 1
+            if frame.pts is None:
+                if self.position is None:
+                    raise ValueError(f"{self.label}: a frame has no time stamp")
+                index = self.position + 1
+            else:
+                index = self.index_of(frame.pts)
+            if frame.key_frame and (not self.seen_keyframes or index > self.seen_keyframes[-1]):
+                self.seen_keyframes.append(index)
+            self.trusted = self.trusted or frame.key_frame
+            if self.trusted:
+                self.position = index
+                return frame, index
+        return None, None
+
+    def get(self, target: int):
+        if self.position is None or target <= self.position or self._keyframe_between(self.position, target):
+            self._seek(target)
+        back = max(1, int(self.rate))  # first back-off: 1 s before the target
+        while True:
+            frame, index = self._next()
+            while frame is not None and index < target:
+                frame, index = self._next()
+            if frame is not None and index == target:
+                return frame
+            if frame is None and self.from_start:
+                if not self.decoded_any:
+                    raise ValueError(f"{self.label}: the video has no frames")
+                raise ValueError(f"{self.label}: frame {target} is past the end of the video "
+                                 f"(last frame {self.position})")
+            if frame is None and self.decoded_any and self.position is not None:
+                raise ValueError(f"{self.label}: frame {target} is past the end of the video "
+                                 f"(last frame {self.position})")
+            if frame is not None and self.from_start:
+                raise ValueError(f"{self.label}: frame {target} not found (the stream jumps from before it to "
+                                 f"frame {index}; variable frame rate?)")
+            # landed after the target, or got nothing: seek further back, at the start at the latest
+            if target - back > 0:
+                self._seek(target - back)
+                back *= 2
+            else:
+                self._seek(None)
+
+
+def read_frames_seeking(source, indices, image_size: int | None, name: str | None = None) -> tuple[np.ndarray, float]:
+    """Frames at `indices` (any order, repeats allowed) as uint8 (len, S, S, 3) with S = image_size (aspect ratio
+    not kept, as the original's decord reader), or at native size when image_size is None; and the average fps.
+
+    `source` is a path or the encoded file as bytes; errors are ValueErrors naming it ('<bytes>' plus `name`).
+    Seeks to the keyframe before a wanted frame instead of decoding the whole stream, and decodes on when the
+    next wanted frame is in the GOP being decoded (see `_SeekingDecoder`); only wanted frames are converted to
+    RGB. A frame's index is its presentation time × the average frame rate, its position in the stream for
+    constant-frame-rate video (what decord's index and `read_frames`' count mean there); the pixels equal
+    `read_frames`' for the same indices.
+    """
+    label = _source_label(source, name)
+    order = [int(i) for i in np.asarray(indices).reshape(-1)]
+    if not order:
         raise ValueError(f"{label}: no frame indices given")
+    if min(order) < 0:
+        raise ValueError(f"{label}: negative frame index {min(order)}")
     found: dict[int, np.ndarray] = {}
     try:
-        with av.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)) as container:
+        with _open(source) as container:
             if not container.streams.video:
                 raise ValueError(f"{label}: no video stream")
             stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-            if fps <= 0:
-                raise ValueError(f"{label}: unknown frame rate")
-            time_base = float(stream.time_base)
-            start = stream.start_time or 0
-            near = max(2, int(2 * fps))  # decode forward rather than seek across less than ~2 s
-
-            def index_of(frame):
-                pts = frame.pts if frame.pts is not None else 0
-                return int(round((pts - start) * time_base * fps))
-
-            def convert(frame):
+            decoder = _SeekingDecoder(container, stream, label)
+            for target in sorted(set(order)):
+                frame = decoder.get(target)
                 if image_size is None:
-                    return frame.to_ndarray(format="rgb24")
-                return frame.to_ndarray(width=image_size, height=image_size, format="rgb24")
-
-            position, frames = None, None
-            for target in wanted:
-                if position is None or target <= position or target - position > near:
-                    container.seek(int(start + target / fps / time_base), stream=stream, backward=True, any_frame=False)
-                    frames, position = container.decode(stream), None
-                for frame in frames:
-                    position = index_of(frame)
-                    if position >= target:
-                        break
-                if position is None or position < target:
-                    raise ValueError(f"{label}: frame {target} is past the end of the video")
-                if position > target:  # the seek landed after the wanted frame: decode from the start instead
-                    container.seek(start, stream=stream, backward=True, any_frame=False)
-                    frames = container.decode(stream)
-                    for frame in frames:
-                        position = index_of(frame)
-                        if position >= target:
-                            break
-                if position != target:
-                    raise ValueError(f"{label}: frame {target} not found (stream jumps from before it to {position})")
-                found[target] = convert(frame)
+                    found[target] = frame.to_ndarray(format="rgb24")
+                else:
+                    found[target] = frame.to_ndarray(width=image_size, height=image_size, format="rgb24")
+            fps = float(decoder.rate)
     except av.error.FFmpegError as err:
         raise ValueError(f"{label}: cannot decode video ({err})") from err
-    return np.stack([found[int(i)] for i in indices]), fps
+    return np.stack([found[i] for i in order]), fps
 
 
 def random_resized_crop_params(height: int, width: int, rng: np.random.Generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -196,25 +310,39 @@ def _bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray
     return matrix
 
 
-def resize_bicubic(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(T, H, W, C) -> (T, height, width, C) float64, as torch.nn.functional.interpolate(mode='bicubic')."""
+def resize_bicubic(frames: np.ndarray, size, width: int | None = None) -> np.ndarray:
+    """(T, H, W, C) uint8 or float -> (T, h, w, C) float64 as torch.nn.functional.interpolate(mode='bicubic',
+    align_corners=False) computes it (a = −0.75, borders clamped, no antialiasing). `size` is an int (square
+    output), an (h, w) pair, or h with `width` given."""
+    if width is not None:
+        height = int(size)
+    elif np.ndim(size) == 0:
+        height = width = int(size)
+    else:
+        height, width = (int(s) for s in size)
     rows = _bicubic_matrix(frames.shape[1], height)
     cols = _bicubic_matrix(frames.shape[2], width)
     return np.einsum("oh,thwc,pw->topc", rows, frames.astype(np.float64), cols, optimize=True)
 
 
+def _to_uint8(frames: np.ndarray) -> np.ndarray:
+    # The original casts with `.to(torch.uint8)`, which truncates toward zero and wraps values outside 0..255
+    # (bicubic overshoot: −3 becomes 253, 258 becomes 2). The wrap-around is NOT reproduced: values are clipped
+    # to 0..255 first, then truncated toward zero like the cast.
+    return np.clip(frames, 0, 255).astype(np.uint8)
+
+
 def train_transform(frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int) -> np.ndarray:
-    """The original train processor: one RandomResizedCrop box (scale 0.5-1) for the whole clip, bicubic back
-    to image_size, cast to uint8, CLIP-normalise. The original's float->uint8 cast wraps out-of-range values
-    (bicubic overshoot); here they are clipped to 0..255 first, then truncated like the cast."""
+    """The original `alpro_video_train`: one RandomResizedCrop box (scale 0.5–1, ratio 3/4–4/3) for the whole
+    clip, bicubic back to image_size², cast to uint8 (see `_to_uint8`), /255, CLIP-normalise. float32 out."""
     top, left, h, w = random_resized_crop_params(frames_uint8.shape[1], frames_uint8.shape[2], rng)
     crop = frames_uint8[:, top:top + h, left:left + w]
-    resized = resize_bicubic(crop, image_size, image_size)
-    return normalize(np.clip(resized, 0, 255).astype(np.uint8))
+    return normalize(_to_uint8(resize_bicubic(crop, image_size)))
 
 
-def eval_transform(frames_uint8: np.ndarray, image_size: int) -> np.ndarray:
-    """Resize only (frames are normally decoded at image_size already), then CLIP-normalise."""
-    if frames_uint8.shape[1:3] != (image_size, image_size):
-        frames_uint8 = np.clip(resize_bicubic(frames_uint8, image_size, image_size), 0, 255).astype(np.uint8)
+def eval_transform(frames_uint8: np.ndarray, image_size: int | None = None) -> np.ndarray:
+    """The original `alpro_video_eval`: frames decoded at image_size² already -> /255 -> CLIP-normalise. Frames of
+    another size (when image_size is given) are first resized bicubically."""
+    if image_size is not None and frames_uint8.shape[1:3] != (image_size, image_size):
+        frames_uint8 = _to_uint8(resize_bicubic(frames_uint8, image_size))
     return normalize(frames_uint8)
