@@ -59,10 +59,10 @@ def interrupt(workdir, repo_root, sig, after_step=9):
 def synthetic(tmp_path_factory):
     """The tiny default data and tokenizer, made once: x264 may encode the same frames differently from run to
     run, so every run here trains on the same bytes (a resumed run reuses its work directory's data anyway)."""
-    from vllama_jax.train.trainer import synthetic_data
+    from vllama_jax.data.synthetic import synthetic_caption_data
 
     template = tmp_path_factory.mktemp("synthetic")
-    synthetic_data(template, num_clips=12, vocab_size=512)
+    synthetic_caption_data(template, num_clips=12, vocab_size=512)
     return template
 
 

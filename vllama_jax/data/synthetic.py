@@ -7,6 +7,9 @@ from pathlib import Path
 import av
 import numpy as np
 
+from vllama_jax.data.prepare import prepare, shard_paths
+from vllama_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
+
 
 def write_test_video(
     path: str | Path,
@@ -72,3 +75,25 @@ def write_test_image(path: str | Path, *, size: tuple[int, int] = (40, 30), colo
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+SYNTHETIC_COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220), "yellow": (230, 220, 40)}
+
+
+def synthetic_caption_data(workdir: Path, num_clips: int, vocab_size: int):
+    """The tiny default: mp4 clips of a coloured square moving right, captioned, ingested with vllama-prepare;
+    a BPE tokenizer trained on the captions. Reused when already in `workdir`."""
+    data, media = workdir / "data", workdir / "data" / "media"
+    if not (data / "manifest.json").exists():
+        media.mkdir(parents=True, exist_ok=True)
+        rows = ["videoid,name,page_dir"]
+        for i in range(num_clips):
+            color = list(SYNTHETIC_COLORS)[i % len(SYNTHETIC_COLORS)]
+            write_test_video(media / f"clip{i}.mp4", num_frames=16 + i % 5, color=SYNTHETIC_COLORS[color], tone_hz=None)
+            rows.append(f"clip{i},A {color} square moves from left to right.,.")
+        (data / "annotations.csv").write_text("\n".join(rows) + "\n")
+        prepare("webvid", data / "annotations.csv", media, data, name="synthetic", records_per_shard=8, log=lambda *_: None)
+    if not (workdir / "tokenizer").exists():
+        captions = [line.split(",")[1] for line in (data / "annotations.csv").read_text().splitlines()[1:]]
+        build_bpe_tokenizer([c.lower() for c in captions] * 4, vocab_size=vocab_size).save_pretrained(workdir / "tokenizer")
+    return shard_paths(data), load_tokenizer(workdir / "tokenizer")

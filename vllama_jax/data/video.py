@@ -124,11 +124,14 @@ class _SeekingDecoder:
     decoded) or seeks to the keyframe at or before t's presentation time. After a seek, frames output before
     the first keyframe (open-GOP leading pictures, whose references were skipped) are not trusted; if the first
     trusted frame is already past t the seek landed too late (demuxers seek on decode time stamps), and it
-    backs off further, doubling the step, down to decoding from the start of the stream.
+    backs off further, doubling the step, down to decoding from the start of the stream. That last resort
+    reopens the file rather than seeking to its start (MPEG-TS seeks on decode time stamps land late), so it
+    decodes exactly what `read_frames` does. `reopen` gives a fresh container of the same file.
     """
 
-    def __init__(self, container, stream, label: str):
-        self.container, self.stream, self.label = container, stream, label
+    def __init__(self, container, label: str, reopen=None):
+        stream = container.streams.video[0]
+        self.container, self.stream, self.label, self.reopen = container, stream, label, reopen
         rate = stream.average_rate or stream.guessed_rate
         if not rate or rate <= 0:
             raise ValueError(f"{label}: unknown frame rate")
@@ -141,6 +144,7 @@ class _SeekingDecoder:
         self.position: int | None = None  # index of the last frame output in the current run
         self.trusted = False  # a keyframe has been output since the last seek
         self.from_start = False  # the current run started at the beginning of the stream
+        self.unseekable = False  # a seek failed (no index, e.g. an empty AVI): only decode from the start on
         self.decoded_any = False
         self.decoded_frames = 0  # for tests and the benchmark
         self.seeks = 0
@@ -177,11 +181,21 @@ class _SeekingDecoder:
         return high - low > max(2, int(2 * self.rate))  # GOP unknown yet: assume about 2 s
 
     def _seek(self, index: int | None):
-        """Seek to the keyframe at or before frame `index`, or to the start of the stream when None."""
-        if index is None:
-            self.container.seek(self.start, stream=self.stream, backward=True, any_frame=False)
-        else:
-            self.container.seek(self.timestamp_of(index), stream=self.stream, backward=True, any_frame=False)
+        """Seek to the keyframe at or before frame `index`, or go back to the start of the stream when None (also
+        when the container cannot seek)."""
+        if index is not None and not self.unseekable:
+            try:
+                self.container.seek(self.timestamp_of(index), stream=self.stream, backward=True, any_frame=False)
+            except av.error.FFmpegError:
+                self.unseekable = True
+        if index is None or self.unseekable:
+            index = None
+            if self.reopen is not None:
+                self.container.close()
+                self.container = self.reopen()
+                self.stream = self.container.streams.video[0]
+            else:
+                self.container.seek(self.start, stream=self.stream, backward=True, any_frame=False)
         self.frames = self.container.decode(self.stream)
         self.position, self.trusted, self.from_start = None, index is None, index is None
         self.seeks += 1
@@ -206,7 +220,8 @@ class _SeekingDecoder:
         return None, None
 
     def get(self, target: int):
-        if self.position is None or target <= self.position or self._keyframe_between(self.position, target):
+        if self.position is None or target <= self.position or (
+                not self.unseekable and self._keyframe_between(self.position, target)):
             self._seek(target)
         back = max(1, int(self.rate))  # first back-off: 1 s before the target
         while True:
@@ -252,21 +267,26 @@ def read_frames_seeking(source, indices, image_size: int | None, name: str | Non
     if min(order) < 0:
         raise ValueError(f"{label}: negative frame index {min(order)}")
     found: dict[int, np.ndarray] = {}
+    container = decoder = None
     try:
-        with _open(source) as container:
-            if not container.streams.video:
-                raise ValueError(f"{label}: no video stream")
-            stream = container.streams.video[0]
-            decoder = _SeekingDecoder(container, stream, label)
-            for target in sorted(set(order)):
-                frame = decoder.get(target)
-                if image_size is None:
-                    found[target] = frame.to_ndarray(format="rgb24")
-                else:
-                    found[target] = frame.to_ndarray(width=image_size, height=image_size, format="rgb24")
-            fps = float(decoder.rate)
+        container = _open(source)
+        if not container.streams.video:
+            raise ValueError(f"{label}: no video stream")
+        decoder = _SeekingDecoder(container, label, reopen=lambda: _open(source))
+        for target in sorted(set(order)):
+            frame = decoder.get(target)
+            if image_size is None:
+                found[target] = frame.to_ndarray(format="rgb24")
+            else:
+                found[target] = frame.to_ndarray(width=image_size, height=image_size, format="rgb24")
+        fps = float(decoder.rate)
     except av.error.FFmpegError as err:
         raise ValueError(f"{label}: cannot decode video ({err})") from err
+    finally:
+        if decoder is not None:
+            decoder.container.close()  # the one it reopened, if it did
+        elif container is not None:
+            container.close()
     return np.stack([found[i] for i in order]), fps
 
 
@@ -292,18 +312,26 @@ def random_resized_crop_params(height: int, width: int, rng: np.random.Generator
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
-    """(out, in) weights of PyTorch's bicubic interpolation (align_corners=False, clamped borders, no antialias)."""
-    scale = in_size / out_size
-    src = (np.arange(out_size) + 0.5) * scale - 0.5
-    base = np.floor(src).astype(int)
-    t = src - base
-    weights = np.stack([
-        ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-        ((a + 2) * t - (a + 3)) * t * t + 1,
-        ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
-        ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
-    ], axis=1)
+def _bicubic_matrix(in_size: int, out_size: int, dtype=np.float64, a: float = -0.75) -> np.ndarray:
+    """(out, in) weights of PyTorch's bicubic interpolation (align_corners=False, clamped borders, no antialias).
+
+    Source coordinates and weights are computed in `dtype` with PyTorch's operation order: float32 for float32
+    tensors, whose coordinate rounding alone moves results by up to ~4e-3 in 0..255 units against float64. The
+    coordinate scale·(i + ½) − ½ is rounded once, as a fused multiply-add does (the installed PyTorch CPU build
+    matches that best: 2e-4 instead of 2e-3 worst case on a 160x213 -> 224 resize)."""
+    one, a = dtype(1), dtype(a)
+    scale = dtype(in_size) / dtype(out_size)
+    src = (np.float64(scale) * (np.arange(out_size) + 0.5) - 0.5).astype(dtype)
+    base = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    t = np.clip(src - base.astype(dtype), 0, 1).astype(dtype)
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + one
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = np.stack([far(t + one), near(t), near(one - t), far((one - t) + one)], axis=1).astype(np.float64)
     matrix = np.zeros((out_size, in_size))
     for tap in range(4):
         np.add.at(matrix, (np.arange(out_size), np.clip(base - 1 + tap, 0, in_size - 1)), weights[:, tap])
@@ -313,15 +341,18 @@ def _bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray
 def resize_bicubic(frames: np.ndarray, size, width: int | None = None) -> np.ndarray:
     """(T, H, W, C) uint8 or float -> (T, h, w, C) float64 as torch.nn.functional.interpolate(mode='bicubic',
     align_corners=False) computes it (a = −0.75, borders clamped, no antialiasing). `size` is an int (square
-    output), an (h, w) pair, or h with `width` given."""
+    output), an (h, w) pair, or h with `width` given. Weights follow PyTorch's float64 arithmetic for float64
+    input and its float32 arithmetic otherwise (uint8 frames stand for the original's float32 frames); the sums
+    are taken in float64."""
     if width is not None:
         height = int(size)
     elif np.ndim(size) == 0:
         height = width = int(size)
     else:
         height, width = (int(s) for s in size)
-    rows = _bicubic_matrix(frames.shape[1], height)
-    cols = _bicubic_matrix(frames.shape[2], width)
+    dtype = np.float64 if frames.dtype == np.float64 else np.float32
+    rows = _bicubic_matrix(frames.shape[1], height, dtype)
+    cols = _bicubic_matrix(frames.shape[2], width, dtype)
     return np.einsum("oh,thwc,pw->topc", rows, frames.astype(np.float64), cols, optimize=True)
 
 

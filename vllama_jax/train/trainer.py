@@ -28,36 +28,14 @@ from vllama_jax import sharding
 from vllama_jax.config import model_config
 from vllama_jax.constants import IMAGE_PLACEHOLDER
 from vllama_jax.data.pipeline import PipelineConfig, make_dataset, reason_counts
-from vllama_jax.data.prepare import prepare, shard_paths
-from vllama_jax.data.synthetic import write_test_video
-from vllama_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
+from vllama_jax.data.prepare import shard_paths
+from vllama_jax.data.synthetic import synthetic_caption_data
+from vllama_jax.data.tokenizer import load_tokenizer
 from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
 from vllama_jax.train.step import init_state, make_train_step, split_params
 
 MODEL_INPUTS = ("frames", "input_ids", "padding_mask", "labels")
-SYNTHETIC_COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220), "yellow": (230, 220, 40)}
-
-
-def synthetic_data(workdir: Path, num_clips: int, vocab_size: int):
-    """The tiny default: mp4 clips of a coloured square moving right, captioned, ingested with vllama-prepare;
-    a BPE tokenizer trained on the captions. Reused when already in `workdir`."""
-    data, media = workdir / "data", workdir / "data" / "media"
-    if not (data / "manifest.json").exists():
-        media.mkdir(parents=True, exist_ok=True)
-        rows = ["videoid,name,page_dir"]
-        for i in range(num_clips):
-            color = list(SYNTHETIC_COLORS)[i % len(SYNTHETIC_COLORS)]
-            write_test_video(media / f"clip{i}.mp4", num_frames=16 + i % 5, color=SYNTHETIC_COLORS[color], tone_hz=None)
-            rows.append(f"clip{i},A {color} square moves from left to right.,.")
-        (data / "annotations.csv").write_text("\n".join(rows) + "\n")
-        prepare("webvid", data / "annotations.csv", media, data, name="synthetic", records_per_shard=8, log=lambda *_: None)
-    if not (workdir / "tokenizer").exists():
-        captions = [line.split(",")[1] for line in (data / "annotations.csv").read_text().splitlines()[1:]]
-        build_bpe_tokenizer([c.lower() for c in captions] * 4, vocab_size=vocab_size).save_pretrained(workdir / "tokenizer")
-    return shard_paths(data), load_tokenizer(workdir / "tokenizer")
-
-
 def startup_summary(mesh, boxed_params, abstract_state) -> list[str]:
     """What a run states before its first step: devices, mesh, parameter and optimizer-state sizes."""
     def size(tree):
@@ -100,9 +78,9 @@ def train(config, workdir: str | Path, log=print) -> dict:
         shards, tokenizer = shard_paths(config.data.shards), load_tokenizer(config.data.tokenizer)
     else:  # made by process 0 in the (shared) work directory, then read by all
         if jax.process_index() == 0:
-            synthetic_data(workdir, config.data.synthetic_clips, config.model.llm.vocab_size)
+            synthetic_caption_data(workdir, config.data.synthetic_clips, config.model.llm.vocab_size)
         multihost_utils.sync_global_devices("synthetic data written")
-        shards, tokenizer = synthetic_data(workdir, config.data.synthetic_clips, config.model.llm.vocab_size)
+        shards, tokenizer = synthetic_caption_data(workdir, config.data.synthetic_clips, config.model.llm.vocab_size)
     model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
     pipeline_cfg = PipelineConfig(
         batch_size=config.batch_size // jax.process_count(),
