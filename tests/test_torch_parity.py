@@ -159,6 +159,19 @@ def test_cached_decoding_reproduces_full_forward(scan):
     report(f"cached decoding vs full forward (scan={scan})", max(errors))
 
 
+def test_cache_overflow_is_loud_not_wrong():
+    _, cfg, params = llama_pair(2, False)
+    model = LlamaForCausalLM(cfg)
+    cache = init_cache(model, params, batch_size=1, max_length=4)
+    ids = np.arange(3, 9, dtype=np.int32)[None]
+    step = lambda cache, tok, pos: model.apply(  # noqa: E731
+        {"params": params, "cache": cache}, tok, positions=pos, decode=True, mutable=["cache"])
+    logits, state = step(cache, ids[:, :4], np.arange(4)[None])
+    assert np.isfinite(np.asarray(logits)).all()
+    logits, _ = step(state["cache"], ids[:, 4:5], np.array([[4]]))  # a fifth token into a 4-slot cache
+    assert np.isnan(np.asarray(logits)).all()
+
+
 class TorchVideoLlama(torch.nn.Module):
     """The original visual-branch forward, assembled from transformers' modules (stage-1 caption loss)."""
 

@@ -143,6 +143,12 @@ def test_full_state_dict_round_trip_and_strictness(tiny):
     from vllama_jax.convert.video_llama import UNUSED_KEYS
 
     load_state_dict(extra, rules, params, ignore=UNUSED_KEYS)
+    # a tensor with the right element count in the wrong layout is refused, not silently scrambled
+    for key in ("llama_proj.weight", "visual_encoder.patch_embed.proj.weight", "llama_model.model.layers.0.mlp.gate_proj.weight"):
+        bad = dict(state)
+        bad[key] = state[key].T.copy() if state[key].ndim == 2 else state[key].transpose(2, 3, 1, 0).copy()
+        with pytest.raises(ConversionError, match=f"{key}: shape .*expected {tuple(state[key].shape)}".replace("(", r"\(").replace(")", r"\)")):
+            load_state_dict(bad, rules, params)
     wrong = dict(state)
     wrong["llama_proj.bias"] = np.zeros(63, np.float32)
     with pytest.raises(ConversionError, match=r"llama_proj.bias: shape \(63,\)"):

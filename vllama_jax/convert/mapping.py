@@ -10,6 +10,7 @@ Conversion always goes through the unscanned layout (`blocks_0`, `blocks_1`, …
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Iterable, Mapping
 
@@ -60,6 +61,23 @@ def prefixed(rules: Iterable[Rule], source_prefix: str, target_prefix: str) -> l
         Rule(source_prefix + r.source, tuple(tgt(t) for t in r.target) if isinstance(r.target, tuple) else tgt(r.target), r.transform)
         for r in rules
     ]
+
+
+def torch_shape(transform: str, ours: tuple[int, ...]) -> tuple[int, ...]:
+    """The exact PyTorch shape a tensor must have to become a parameter of shape `ours` under `transform`
+    (so a transposed or reordered tensor with the right element count is refused, not scrambled)."""
+    if transform == "same":
+        return tuple(ours)
+    if transform == "bias":
+        return (math.prod(ours),)
+    if transform == "linear":
+        return (math.prod(ours[1:]), ours[0])
+    if transform == "linear2":
+        return (math.prod(ours[2:]), ours[0] * ours[1])
+    if transform == "conv":
+        kh, kw, cin, cout = ours
+        return (cout, cin, kh, kw)
+    raise AssertionError(transform)
 
 
 def _to_ours(array: np.ndarray, transform: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -128,8 +146,9 @@ def torch_to_flat_params(
                 problems.append(f"{rule.source}: the model has no parameter {target!r}")
                 continue
             want = tuple(target_shapes[target])
-            if int(np.prod(part.shape)) != int(np.prod(want)) or (transform == "same" and part.shape != want):
-                problems.append(f"{rule.source}: shape {tuple(part.shape)} does not fit {target} {want}")
+            expected = torch_shape(transform, want)
+            if tuple(part.shape) != expected:
+                problems.append(f"{rule.source}: shape {tuple(part.shape)}, expected {expected} (for {target} {want})")
                 continue
             out[target] = _to_ours(part, transform, want)
     unused = [k for k in state_dict if k not in used and not any(r.fullmatch(k) for r in ignore_res)]

@@ -8,6 +8,7 @@ Two ways to run it:
 - cached decoding (`decode=True`, `mutable=['cache']`): a static-shape KV cache per layer (sized by the input
   length at `init_cache` time) with a write index shared by the batch and a per-slot key mask, so prompts of
   different lengths can be left-padded. Rotary positions come from `positions`, independent of cache slots.
+  Feeding more tokens than the cache holds gives NaN logits (the caller must size the cache).
 """
 from __future__ import annotations
 
@@ -70,14 +71,17 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(q, positions, cfg.rope_theta)
         k = apply_rotary(k, positions, cfg.rope_theta)
         length = x.shape[1]
+        overflow = False
         if self.decode:
             k, v, key_mask, query_slots = self._update_cache(k, v, padding_mask)
             key_slots = jnp.arange(k.shape[1])
+            # writing past the cache's end would clamp and overwrite its last slots: make that loud, not wrong
+            overflow = query_slots[-1] >= k.shape[1]
         else:
             key_mask, query_slots, key_slots = padding_mask, jnp.arange(length), jnp.arange(length)
         causal = key_slots[None, :] <= query_slots[:, None]
         allowed = causal[None, None] & key_mask[:, None, None, :].astype(bool)
-        out = layers.attention(q, k, v, allowed)
+        out = jnp.where(overflow, jnp.nan, layers.attention(q, k, v, allowed))
         return layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="o_proj", num_in=2, **kw)(out)
 
     def _update_cache(self, k, v, padding_mask):
