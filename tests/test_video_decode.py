@@ -215,6 +215,19 @@ def test_odd_and_tiny_sizes(tmp_path):
         assert video.eval_transform(out).shape == (2, 28, 28, 3)
 
 
+def test_4k_frames_decode_to_the_model_size(tmp_path):
+    path = encode(tmp_path / "4k.mp4", np.full((2, 2160, 3840, 3), 90, np.uint8))
+    frames, _ = video.read_frames_seeking(path, [1], 28)
+    assert frames.shape == (1, 28, 28, 3) and abs(int(frames.mean()) - 90) <= 3
+
+
+def test_bench_runs_and_seeking_wins(tmp_path):
+    from vllama_jax.data import bench
+
+    result = bench.run(num_clips=1, seconds=10.0, repeats=1, workdir=tmp_path)
+    assert result["clips"] == 1 and result["ratio"] > 1.0
+
+
 def torch_bicubic(x, size):
     return torch.nn.functional.interpolate(
         torch.from_numpy(x).permute(0, 3, 1, 2), size=size, mode="bicubic", align_corners=False
