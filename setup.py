@@ -26,6 +26,9 @@ setup(
         "numpy>=1.26,<3",
         "absl-py>=2.0",
         "msgpack>=1.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"],

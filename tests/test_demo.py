@@ -1,4 +1,4 @@
-"""The README's main-job command, run as a subprocess on the tiny config."""
+"""`vllama-demo`, the smoke test, as a subprocess on the tiny config; and CI runs the README's test command."""
 import json
 import math
 import os
@@ -10,13 +10,7 @@ from pathlib import Path
 import pytest
 
 
-def readme_main_command(repo_root: Path) -> str:
-    """The main-job command as the README states it (the line starting with `vllama-demo`)."""
-    readme = (repo_root / "README.md").read_text()
-    block = re.search(r"```(?:bash|sh)?\n(.*?)```", readme, re.S).group(1)
-    commands = [line.split("&&")[-1].strip() for line in block.splitlines() if "vllama-demo" in line]
-    assert len(commands) == 1, f"README's first code block should hold one vllama-demo command, got {commands}"
-    return commands[0]
+DEMO = ["vllama-demo", "--config=configs/video_llama.py:tiny", "--config.batch_size=2"]
 
 
 def run_cli(repo_root: Path, args: list[str], tmp_path: Path, batch: int = 2) -> dict:
@@ -32,24 +26,24 @@ def run_cli(repo_root: Path, args: list[str], tmp_path: Path, batch: int = 2) ->
 
 
 @pytest.fixture(scope="module")
-def readme_run(repo_root, tmp_path_factory):
-    """The README's main-job command, run once for the tests below."""
+def demo_run(repo_root, tmp_path_factory):
+    """The smoke-test command, run once for the tests below."""
     tmp_path = tmp_path_factory.mktemp("demo")
-    return run_cli(repo_root, readme_main_command(repo_root).split(), tmp_path), tmp_path
+    return run_cli(repo_root, DEMO, tmp_path), tmp_path
 
 
-def test_readme_main_command(readme_run):
-    out, tmp_path = readme_run
+def test_demo_command(demo_run):
+    out, tmp_path = demo_run
     assert out["soft_tokens_shape"] == [2, 4, 64]
     assert math.isfinite(out["caption_loss"]) and 4.0 < out["caption_loss"] < 9.0  # ~ln(512) for random weights
     assert out["caption_tokens"] > 0
     assert (tmp_path / "clip.mp4").stat().st_size > 0 and (tmp_path / "tokenizer").is_dir()
 
 
-def test_command_line_overrides(repo_root, readme_run, tmp_path):
-    base = readme_run[0]
+def test_command_line_overrides(repo_root, demo_run, tmp_path):
+    base = demo_run[0]
     deeper = run_cli(
-        repo_root, ["vllama-demo", "--config=configs/video_llama.py:tiny", "--config.model.llm.num_layers=3"], tmp_path
+        repo_root, [*DEMO, "--config.model.llm.num_layers=3"], tmp_path
     )
     # one more LLaMA layer of the tiny size: 2 norms + 4 attention + 3 MLP matrices
     per_layer = 2 * 64 + (64 * 64 + 2 * 64 * 32 + 64 * 64) + 3 * 64 * 128
@@ -57,8 +51,8 @@ def test_command_line_overrides(repo_root, readme_run, tmp_path):
     assert deeper["trainable_parameters"] == base["trainable_parameters"]
 
 
-def test_launch_script_on_simulated_mesh(repo_root, readme_run, tmp_path):
-    single = readme_run[0]
+def test_launch_script_on_simulated_mesh(repo_root, demo_run, tmp_path):
+    single = demo_run[0]
     sharded = run_cli(repo_root, ["bash", "launch/simulated_mesh.sh"], tmp_path, batch=4)
     assert sharded["devices"] == 8 and sharded["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     # the batch repeats one example, so the mean loss is the single-device one

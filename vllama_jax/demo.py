@@ -25,7 +25,7 @@ from vllama_jax.config import model_config
 from vllama_jax.constants import IMAGE_PLACEHOLDER
 from vllama_jax.data import text, video
 from vllama_jax.data.synthetic import write_test_video
-from vllama_jax.data.tokenizer import add_placeholders, build_bpe_tokenizer, load_tokenizer
+from vllama_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
 from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama, causal_lm_loss, count_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/video_llama.py:tiny", "model / data / mesh config")

@@ -1,4 +1,5 @@
-"""Media made on the spot for tests and the CPU demo: an mp4 with a moving square and an optional tone."""
+"""Media made on the spot for tests and the CPU demo: test clips, and the tiny default's world of coloured
+shapes in motion with captions naming colour, shape and motion."""
 from __future__ import annotations
 
 import fractions
@@ -8,7 +9,7 @@ import av
 import numpy as np
 
 from vllama_jax.data.prepare import prepare, shard_paths
-from vllama_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
+from vllama_jax.data.tokenizer import build_bpe_tokenizer
 
 
 def write_test_video(
@@ -78,22 +79,106 @@ def write_test_image(path: str | Path, *, size: tuple[int, int] = (40, 30), colo
 
 
 SYNTHETIC_COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220), "yellow": (230, 220, 40)}
+SHAPES = ("square", "circle", "triangle")
+# motion phrase -> (start, end) centre in units of the free travel range, (x, y) with y downwards
+MOTIONS = {
+    "from left to right": ((0.0, 0.5), (1.0, 0.5)),
+    "from right to left": ((1.0, 0.5), (0.0, 0.5)),
+    "from top to bottom": ((0.5, 0.0), (0.5, 1.0)),
+    "from bottom to top": ((0.5, 1.0), (0.5, 0.0)),
+}
+ATTRIBUTES = {"color": tuple(SYNTHETIC_COLORS), "shape": SHAPES, "motion": tuple(MOTIONS)}
+# one word per motion, for the text contexts the tiny LLM is pretrained with (vllama_jax/train/pretrain_llm.py)
+MOTION_WORDS = {"from left to right": "rightwards", "from right to left": "leftwards",
+                "from top to bottom": "downwards", "from bottom to top": "upwards"}
 
 
-def synthetic_caption_data(workdir: Path, num_clips: int, vocab_size: int):
-    """The tiny default: mp4 clips of a coloured square moving right, captioned, ingested with vllama-prepare;
-    a BPE tokenizer trained on the captions. Reused when already in `workdir`."""
-    data, media = workdir / "data", workdir / "data" / "media"
-    if not (data / "manifest.json").exists():
+def attribute_context(caption: str) -> str:
+    """The caption's attributes as a short text: "red circle rightwards "."""
+    found = parse_caption(caption)
+    return f"{found['color']} {found['shape']} {MOTION_WORDS[found['motion']]} "
+
+
+def shape_mask(shape: str, side: int) -> np.ndarray:
+    """A side x side boolean stencil: a filled square, disc or upward triangle."""
+    y, x = np.mgrid[:side, :side] + 0.5
+    if shape == "square":
+        return np.ones((side, side), bool)
+    if shape == "circle":
+        return (x - side / 2) ** 2 + (y - side / 2) ** 2 <= (side / 2) ** 2
+    if shape == "triangle":
+        return np.abs(x - side / 2) <= y / 2
+    raise ValueError(f"unknown shape {shape!r}: expected one of {SHAPES}")
+
+
+def write_shape_video(path: str | Path, color: str, shape: str, motion: str, rng: np.random.Generator, *,
+                      size: int = 64, num_frames: int = 16, fps: int = 8) -> Path:
+    """An H.264 mp4 (size x size) of one coloured shape crossing the frame; size, offset across the path and
+    background brightness vary with `rng`, so clips of the same caption differ."""
+    path = Path(path)
+    side = int(rng.integers(size * 3 // 8, size // 2 + 1))
+    travel = size - side
+    across = float(rng.uniform(0.25, 0.75))  # where on the perpendicular axis the path runs
+    (x0, y0), (x1, y1) = MOTIONS[motion]
+    x0, x1 = (across, across) if x0 == x1 else (x0, x1)
+    y0, y1 = (across, across) if y0 == y1 else (y0, y1)
+    background = int(rng.integers(0, 40))
+    stencil = shape_mask(shape, side)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(num_frames):
+            t = i / (num_frames - 1)
+            left, top = round(travel * (x0 + (x1 - x0) * t)), round(travel * (y0 + (y1 - y0) * t))
+            image = np.full((size, size, 3), background, np.uint8)
+            image[top:top + side, left:left + side][stencil] = SYNTHETIC_COLORS[color]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def shape_caption(color: str, shape: str, motion: str) -> str:
+    return f"A {color} {shape} moves {motion}."
+
+
+def parse_caption(text: str) -> dict[str, str | None]:
+    """The first colour, shape and motion named in `text` (None where it names none)."""
+    text = text.lower()
+    out = {}
+    for name, values in ATTRIBUTES.items():
+        found = [(text.find(v), v) for v in values if v in text]
+        out[name] = min(found)[1] if found else None
+    return out
+
+
+def shapes_world(workdir: Path, num_train: int, num_eval: int, vocab_size: int, seed: int = 0) -> dict:
+    """The tiny default's data: `num_train` and `num_eval` (held-out) captioned clips of coloured shapes in
+    motion, ingested with vllama-prepare into workdir/data/{train,eval}, and a BPE tokenizer trained on the
+    caption text in workdir/tokenizer. Every combination of colour, shape and motion is cycled through; each
+    clip draws its own size, path and background. Reused when already there. Returns the paths.
+
+    The tokenizer also learns the attribute contexts (`attribute_context`), part of the tiny LLM's text."""
+    combos = [(c, s, m) for c in SYNTHETIC_COLORS for s in SHAPES for m in MOTIONS]
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", num_train), ("eval", num_eval)):
+        out, media = workdir / "data" / split, workdir / "data" / split / "media"
+        if (out / "manifest.json").exists():
+            continue
         media.mkdir(parents=True, exist_ok=True)
         rows = ["videoid,name,page_dir"]
-        for i in range(num_clips):
-            color = list(SYNTHETIC_COLORS)[i % len(SYNTHETIC_COLORS)]
-            write_test_video(media / f"clip{i}.mp4", num_frames=16 + i % 5, color=SYNTHETIC_COLORS[color], tone_hz=None)
-            rows.append(f"clip{i},A {color} square moves from left to right.,.")
-        (data / "annotations.csv").write_text("\n".join(rows) + "\n")
-        prepare("webvid", data / "annotations.csv", media, data, name="synthetic", records_per_shard=8, log=lambda *_: None)
-    if not (workdir / "tokenizer").exists():
-        captions = [line.split(",")[1] for line in (data / "annotations.csv").read_text().splitlines()[1:]]
-        build_bpe_tokenizer([c.lower() for c in captions] * 4, vocab_size=vocab_size).save_pretrained(workdir / "tokenizer")
-    return shard_paths(data), load_tokenizer(workdir / "tokenizer")
+        order = rng.permutation(len(combos)) if split == "train" else np.arange(len(combos))
+        for i in range(count):
+            color, shape, motion = combos[order[i % len(combos)]]
+            write_shape_video(media / f"{split}{i}.mp4", color, shape, motion, rng)
+            rows.append(f"{split}{i},{shape_caption(color, shape, motion)},.")
+        (out / "annotations.csv").write_text("\n".join(rows) + "\n")
+        prepare("webvid", out / "annotations.csv", media, out, name=f"shapes_{split}", records_per_shard=64, log=lambda *_: None)
+    tokenizer = workdir / "tokenizer"
+    if not tokenizer.exists():
+        captions = [shape_caption(*combo).lower() for combo in combos]
+        corpus = (captions + [attribute_context(c) for c in captions]) * 4
+        build_bpe_tokenizer(corpus, vocab_size=vocab_size).save_pretrained(tokenizer)
+    return {"train": shard_paths(workdir / "data" / "train"), "eval": shard_paths(workdir / "data" / "eval"), "tokenizer": tokenizer}

@@ -25,6 +25,7 @@ class QFormerConfig:
     encoder_width: int = 1408
     cross_attention_freq: int = 2
     layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02  # std of the normal init of every dense kernel (BERT's and HF's field)
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     dtype: str = "float32"
@@ -61,13 +62,13 @@ class QFormerAttention(nn.Module):
         heads = (cfg.num_heads, cfg.head_dim)
         # Cross-attention keys/values read the encoder width; name that axis apart so it can shard differently.
         context_axis = "encoder_embed" if self.is_cross_attention else "embed"
-        q = layers.dense(heads, ("embed", "heads", "kv"), name="query", **kw)(x)
-        k = layers.dense(heads, (context_axis, "heads", "kv"), name="key", **kw)(context)
-        v = layers.dense(heads, (context_axis, "heads", "kv"), name="value", **kw)(context)
+        q = layers.dense(heads, ("embed", "heads", "kv"), name="query", kernel_init=layers.normal(cfg.initializer_range), **kw)(x)
+        k = layers.dense(heads, (context_axis, "heads", "kv"), name="key", kernel_init=layers.normal(cfg.initializer_range), **kw)(context)
+        v = layers.dense(heads, (context_axis, "heads", "kv"), name="value", kernel_init=layers.normal(cfg.initializer_range), **kw)(context)
         drop = nn.Dropout(cfg.attention_dropout, deterministic=self.deterministic)
         allowed = None if context_mask is None else context_mask[:, None, None, :].astype(bool)
         out = layers.attention(q, k, v, allowed, dropout=drop)
-        out = layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", num_in=2, **kw)(out)
+        out = layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", num_in=2, kernel_init=layers.normal(cfg.initializer_range), **kw)(out)
         out = nn.Dropout(cfg.hidden_dropout, deterministic=self.deterministic)(out)
         return layers.layer_norm(cfg.layer_norm_eps, name="output_layernorm", **kw)(out + x)
 
@@ -86,9 +87,9 @@ class QFormerLayer(nn.Module):
             x = QFormerAttention(cfg, True, self.deterministic, name="crossattention")(
                 x, encoder_states.astype(x.dtype), encoder_mask
             )
-        h = layers.dense(cfg.intermediate_size, ("embed", "mlp"), name="intermediate_query", **kw)(x)
+        h = layers.dense(cfg.intermediate_size, ("embed", "mlp"), name="intermediate_query", kernel_init=layers.normal(cfg.initializer_range), **kw)(x)
         h = nn.gelu(h, approximate=False)
-        h = layers.dense(cfg.hidden_size, ("mlp", "embed"), name="output_query", **kw)(h)
+        h = layers.dense(cfg.hidden_size, ("mlp", "embed"), name="output_query", kernel_init=layers.normal(cfg.initializer_range), **kw)(h)
         h = nn.Dropout(cfg.hidden_dropout, deterministic=self.deterministic)(h)
         return layers.layer_norm(cfg.layer_norm_eps, name="output_query_layernorm", **kw)(h + x)
 

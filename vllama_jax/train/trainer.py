@@ -9,7 +9,6 @@ config's seed; a converted checkpoint once `vllama-convert` lands).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import signal
@@ -29,28 +28,47 @@ from vllama_jax.config import model_config
 from vllama_jax.constants import IMAGE_PLACEHOLDER
 from vllama_jax.data.pipeline import PipelineConfig, make_dataset, reason_counts
 from vllama_jax.data.prepare import shard_paths
-from vllama_jax.data.synthetic import synthetic_caption_data
 from vllama_jax.data.tokenizer import load_tokenizer
 from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama
+from vllama_jax.train import reporting, tiny_default
+from vllama_jax.train.checkpoints import restore_params
+from vllama_jax.train.evaluate import caption_dataset, make_greedy_generate
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
 from vllama_jax.train.step import init_state, make_train_step, split_params
 
 MODEL_INPUTS = ("frames", "input_ids", "padding_mask", "labels")
-def startup_summary(mesh, boxed_params, abstract_state) -> list[str]:
-    """What a run states before its first step: devices, mesh, parameter and optimizer-state sizes."""
-    def size(tree):
-        leaves = jax.tree_util.tree_leaves(nn.unbox(tree))
-        return sum(int(np.prod(x.shape)) for x in leaves), sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
 
+
+def _size(tree) -> tuple[int, int]:
+    leaves = jax.tree_util.tree_leaves(unboxed(tree))
+    return sum(int(np.prod(x.shape)) for x in leaves), sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+
+
+def startup_summary(mesh, boxed_params, abstract_state, shardings, cost: dict, peak: tuple[float, str]) -> list[str]:
+    """What a run states before its first step: devices and mesh, parameter and optimizer-state sizes (frozen /
+    trainable), how the largest arrays are sharded, per-device memory and FLOPs of the compiled step."""
     trainable, frozen = split_params(boxed_params, VISUAL_TRAINABLE)
-    (n_train, b_train), (n_frozen, b_frozen) = size(trainable), size(frozen)
-    _, b_opt = size(abstract_state.opt_state)
+    (n_train, b_train), (n_frozen, b_frozen) = _size(trainable), _size(frozen)
     devices = jax.devices()
-    return [
-        f"{jax.process_count()} process(es), {len(devices)} {devices[0].platform} device(s), mesh {dict(mesh.shape)}",
+    lines = [
+        f"{jax.process_count()} process(es), {len(devices)} {devices[0].device_kind} device(s), mesh {dict(mesh.shape)}",
         f"parameters: {n_train:,} trainable ({b_train / 2**20:.1f} MiB), {n_frozen:,} frozen ({b_frozen / 2**20:.1f} MiB)",
-        f"optimizer state: {b_opt / 2**20:.1f} MiB, for the trainable parameters only",
+        f"optimizer state: {_size(abstract_state.opt_state)[1] / 2**20:.1f} MiB, for the trainable parameters only",
     ]
+    flat = jax.tree_util.tree_flatten_with_path(unboxed(boxed_params))[0]
+    specs = dict(jax.tree_util.tree_flatten_with_path(shardings)[0])
+    for path, leaf in sorted(flat, key=lambda kv: -int(np.prod(kv[1].shape)))[:4]:
+        lines.append(f"  sharding {jax.tree_util.keystr(path)} {tuple(leaf.shape)} {np.dtype(leaf.dtype).name}: {specs[path].spec}")
+    if "argument_bytes" in cost:
+        lines.append("per device: " + ", ".join(f"{k.removesuffix('_bytes')} {cost[k] / 2**20:.1f} MiB" for k in ("argument_bytes", "output_bytes", "temp_bytes")))
+    lines.append(f"step: {cost['flops'] / 1e9:.3f} GFLOP per device; peak {peak[0] / 1e12:.3g} TFLOP/s per device ({peak[1]})")
+    return lines
+
+
+def unboxed(tree):
+    """The values of a boxed tree without nn.unbox's sharding constraints (which need concrete arrays under a mesh)."""
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    return jax.tree_util.tree_map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
 class _Preemption:
@@ -74,13 +92,9 @@ def train(config, workdir: str | Path, log=print) -> dict:
     train_cfg, opt_cfg = config.train, OptimizerConfig(**config.optimizer.to_dict())
 
     # data
-    if config.data.shards:
-        shards, tokenizer = shard_paths(config.data.shards), load_tokenizer(config.data.tokenizer)
-    else:  # made by process 0 in the (shared) work directory, then read by all
-        if jax.process_index() == 0:
-            synthetic_caption_data(workdir, config.data.synthetic_clips, config.model.llm.vocab_size)
-        multihost_utils.sync_global_devices("synthetic data written")
-        shards, tokenizer = synthetic_caption_data(workdir, config.data.synthetic_clips, config.model.llm.vocab_size)
+    if not config.data.shards:  # the tiny default: its own clips, tokenizer and frozen LLM, made in workdir
+        config = tiny_default.prepare(config, workdir, log)
+    shards, tokenizer = shard_paths(config.data.shards), load_tokenizer(config.data.tokenizer)
     model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
     pipeline_cfg = PipelineConfig(
         batch_size=config.batch_size // jax.process_count(),
@@ -106,13 +120,14 @@ def train(config, workdir: str | Path, log=print) -> dict:
         "frames": jnp.zeros((1, pipeline_cfg.num_frames, size, size, 3), jnp.float32),
         "input_ids": jnp.zeros((1, pipeline_cfg.text_length), jnp.int32),
     }
-    sample["padding_mask"] = sample["labels"] = sample["input_ids"]
+    sample["labels"] = sample["input_ids"]
+    sample["padding_mask"] = sample["input_ids"].astype(bool)
     init = lambda: model.init(jax.random.PRNGKey(config.seed), sample["frames"], sample["input_ids"])["params"]  # noqa: E731
     boxed = jax.eval_shape(init)
     boxed_trainable, boxed_frozen = split_params(boxed, VISUAL_TRAINABLE)
     optimizer = make_optimizer(opt_cfg)
     make_state = lambda params: init_state(split_params(params, VISUAL_TRAINABLE)[0], optimizer, jax.random.PRNGKey(config.seed + 1))  # noqa: E731
-    abstract_state = jax.eval_shape(lambda t: init_state(t, optimizer, jax.random.PRNGKey(0)), boxed_trainable)
+    abstract_state = jax.eval_shape(make_state, boxed)
     state_shardings = sharding.mesh_shardings(abstract_state, mesh, rules)
     frozen_shardings = sharding.mesh_shardings(boxed_frozen, mesh, rules)
     batch_shardings = {k: sharding.batch_sharding(mesh, sample[k].ndim, rules) for k in MODEL_INPUTS}
@@ -123,61 +138,102 @@ def train(config, workdir: str | Path, log=print) -> dict:
         donate_argnums=0,
     )
 
-    if jax.process_index() == 0:
-        for line in startup_summary(mesh, boxed, abstract_state):
-            log(line)
     manager = ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep, enable_async_checkpointing=True),
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = jax.jit(lambda: nn.unbox(init()), out_shardings=sharding.mesh_shardings(boxed, mesh, rules))()
-        frozen = split_params(params, VISUAL_TRAINABLE)[1]
+        if config.train.frozen_checkpoint:  # converted weights; each array read straight into its sharding
+            frozen = restore_params(config.train.frozen_checkpoint, unboxed(boxed_frozen), frozen_shardings)
+        else:
+            log("frozen weights: random from the seed (set train.frozen_checkpoint to a converted checkpoint)")
+            frozen = jax.jit(lambda: split_params(nn.unbox(init()), VISUAL_TRAINABLE)[1], out_shardings=frozen_shardings)()
         latest = manager.latest_step()  # only complete checkpoints count: orbax commits by an atomic rename
-        if latest is None:
-            state = jax.jit(make_state, out_shardings=state_shardings)(params)
+        if latest is None:  # XLA drops the unused frozen half of init
+            state = jax.jit(lambda: make_state(nn.unbox(init())), out_shardings=state_shardings)()
         else:
             abstract = jax.tree_util.tree_map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                jax.eval_shape(make_state, params), state_shardings,
-            )
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed(abstract_state), state_shardings)
             restored = manager.restore(latest, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
             state = restored["state"]
             log(f"resumed from step {latest}")
-        del params
+
+        # compiled ahead of time: the startup summary reports its per-device memory and FLOPs
+        global_batch = {k: jax.ShapeDtypeStruct((config.batch_size, *sample[k].shape[1:]), sample[k].dtype, sharding=batch_shardings[k])
+                        for k in MODEL_INPUTS}
+        compiled_step = step_fn.lower(state, frozen, global_batch).compile()
+        cost = reporting.step_cost(compiled_step)
+        peak = reporting.peak_flops(jax.devices()[0], train_cfg.peak_flops)
+        is_main = jax.process_index() == 0
+        if is_main:
+            for line in startup_summary(mesh, boxed, abstract_state, {**state_shardings.trainable, **frozen_shardings}, cost, peak):
+                log(line)
 
         preemption = _Preemption()
-        is_main = jax.process_index() == 0
         start_step, stop_reason = int(state.step), "done"
+        reporter = reporting.Reporter(workdir, enabled=is_main, total_steps=train_cfg.steps, start_step=start_step,
+                                      log_every=train_cfg.log_every, log=log)
+        tokens_per_batch = config.batch_size * pipeline_cfg.text_length
         try:
-            with open(workdir / "metrics.jsonl", "a") if is_main else contextlib.nullcontext() as metrics_file:
-                for step in range(start_step, train_cfg.steps):
-                    batch = next(iterator)
-                    started = time.perf_counter()
-                    # each process contributes its own slice of the global batch, in process order
-                    inputs = {k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in MODEL_INPUTS}
-                    state, metrics = step_fn(state, frozen, inputs)
-                    values = {k: v.item() for k, v in jax.device_get(metrics).items()}  # waits for the step
-                    record = {"step": step + 1, **values, **reason_counts(batch), "seconds": round(time.perf_counter() - started, 4)}
-                    if metrics_file:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                    if is_main and step % train_cfg.log_every == 0:
-                        log(f"step {step + 1}: loss {record['loss']:.4f} lr {record['learning_rate']:.2e}")
-                    if int(state.skipped) > train_cfg.max_nonfinite:
-                        stop_reason = f"stopped: {int(state.skipped)} non-finite steps (max_nonfinite={train_cfg.max_nonfinite})"
-                        break
-                    preempted = preemption.requested if jax.process_count() == 1 else multihost_utils.reached_preemption_sync_point(step + 1)
-                    if (step + 1) % train_cfg.checkpoint_every == 0 or preempted or step + 1 == train_cfg.steps:
-                        manager.save(step + 1, args=ocp.args.Composite(
-                            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
-                    if preempted:
-                        stop_reason = "preempted"
-                        break
+            for step in range(start_step, train_cfg.steps):
+                started = time.perf_counter()
+                batch = next(iterator)
+                data_seconds = time.perf_counter() - started
+                # each process contributes its own slice of the global batch, in process order
+                inputs = {k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in MODEL_INPUTS}
+                state, metrics = compiled_step(state, frozen, inputs)
+                values = {k: v.item() for k, v in jax.device_get(metrics).items()}  # waits for the step
+                seconds = time.perf_counter() - started
+                reporter.step({
+                    "step": step + 1, **values, **reason_counts(batch), "seconds": round(seconds, 4), "data_seconds": round(data_seconds, 4),
+                    "examples_per_second": config.batch_size / seconds, "tokens_per_second": tokens_per_batch / seconds,
+                    "mfu": cost["flops"] / seconds / peak[0],
+                })
+                if int(state.skipped) > train_cfg.max_nonfinite:
+                    stop_reason = f"stopped: {int(state.skipped)} non-finite steps (max_nonfinite={train_cfg.max_nonfinite})"
+                    break
+                preempted = preemption.requested if jax.process_count() == 1 else multihost_utils.reached_preemption_sync_point(step + 1)
+                if (step + 1) % train_cfg.checkpoint_every == 0 or preempted or step + 1 == train_cfg.steps:
+                    manager.save(step + 1, args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+                if preempted:
+                    stop_reason = "preempted"
+                    break
         finally:
             preemption.restore()
+            reporter.close()
             manager.wait_until_finished()
             manager.close()
-    log(stop_reason)
-    return {"steps": int(state.step), "skipped": int(state.skipped), "stop": stop_reason}
+        log(stop_reason)
+        if is_main and reporting.plot_loss(workdir / "metrics.jsonl", workdir / "loss.png"):
+            log(f"loss curve: {workdir / 'loss.png'}; TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}")
+        summary = {"steps": int(state.step), "skipped": int(state.skipped), "stop": stop_reason}
+        if config.eval.at_end and config.data.eval_shards and stop_reason == "done":
+            summary["eval"] = evaluate(config, model, {**frozen, **state.trainable}, tokenizer, pipeline_cfg, mesh, rules, workdir, log)
+    return summary
+
+
+def evaluate(config, model, params, tokenizer, pipeline_cfg, mesh, rules, workdir: Path, log=print) -> dict:
+    """Greedy captions of the held-out shards (eval transform, uniform frames, one pass), written with their
+    references to workdir/eval.json; for the tiny default also scored per attribute."""
+    batch_size = config.eval.batch_size
+    eval_cfg = dataclasses.replace(pipeline_cfg, batch_size=batch_size // jax.process_count(), train=False,
+                                   frame_sampling="uniform", num_epochs=1, worker_count=0)
+    batches = make_dataset(shard_paths(config.data.eval_shards), eval_cfg, tokenizer)
+    shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in (("frames", 5), ("input_ids", 2), ("labels", 2), ("example_mask", 1))}
+    prompt_length = 1 + pipeline_cfg.num_soft_tokens  # stage 1's bare layout: [BOS] + soft tokens
+    generate = jax.jit(make_greedy_generate(model, prompt_length, config.eval.max_new_tokens))
+    started = time.perf_counter()
+    generated, reference = caption_dataset(generate, params, batches, tokenizer, shardings, prompt_length, config.data.end_sym)
+    result = {"clips": len(reference), "seconds": round(time.perf_counter() - started, 2)}
+    if config.eval.score == "shape_attributes":
+        result["attribute_accuracy"] = tiny_default.attribute_accuracy(generated, reference)
+        result["chance"] = tiny_default.CHANCE
+        accuracy = result["attribute_accuracy"]
+        log("held-out caption accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items())
+            + " (chance: " + ", ".join(f"{k} {v:.0%}" for k, v in tiny_default.CHANCE.items()) + ")")
+    if jax.process_index() == 0:
+        samples = [{"generated": g, "reference": r} for g, r in zip(generated, reference)]
+        (workdir / "eval.json").write_text(json.dumps({**result, "samples": samples}, indent=1) + "\n")
+    return result
