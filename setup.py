@@ -38,6 +38,7 @@ setup(
             "vllama-demo=vllama_jax.demo:cli",
             "vllama-prepare=vllama_jax.data.prepare:main",
             "vllama-train=vllama_jax.train.main:cli",
+            "vllama-convert=vllama_jax.convert.main:cli",
         ],
     },
 )

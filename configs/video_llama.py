@@ -1,6 +1,7 @@
-"""Video-LLaMA visual branch: model sizes, precision, mesh and demo data settings.
+"""Video-LLaMA visual branch: model sizes, precision, training recipe, mesh and the tiny default's settings.
 
     --config configs/video_llama.py:llama2_7b_chat      (or vicuna_7b, vicuna_13b, llama2_13b_chat, tiny)
+    --config configs/video_llama.py:llama2_7b_chat,vision_stage2     (the instruction-tuning recipe)
     --config.model.llm.num_layers=2                      (any field can be overridden on the command line)
 
 Tower sizes (EVA ViT-g, BLIP-2 Q-Former, video Q-Former) are the model dataclasses' defaults, so each size is
@@ -57,37 +58,62 @@ def _model(arg: str) -> dict:
     return full
 
 
+# The original recipes (SPEC §8; LAVIS linear_warmup_cosine_lr, AdamW, weight decay 0.05), per-device-independent:
+# `batch` is the global batch. Stage 2 starts from a stage-1 run's trainable weights (train.init_trainable).
+RECIPES = {
+    "vision_stage1": dict(batch=32, init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=2500, iters_per_epoch=2500,
+                          max_epoch=5, max_txt_len=32, end_sym="\n", frame_sampling="uniform"),
+    # cc_sbu_align + LLaVA-Instruct-150K + VideoChat-11K: point data.shards at the three vllama-prepare folders
+    "vision_stage2": dict(batch=4, init_lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=1000, iters_per_epoch=1000,
+                          max_epoch=3, max_txt_len=320, end_sym="###", frame_sampling="uniform"),
+}
+
+
 def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
+    """arg = "<model>[,<recipe>]": a model from LLMS or "tiny", a recipe from RECIPES (default vision_stage1)."""
+    name, _, recipe_name = arg.partition(",")
+    recipe_name = recipe_name or "vision_stage1"
+    if recipe_name not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe_name!r}: expected one of {sorted(RECIPES)} (the audio stages come "
+                         "with the audio branch)")
+    recipe = RECIPES[recipe_name]
     config = ml_collections.ConfigDict()
     config.name = arg
+    config.recipe = recipe_name
     config.seed = 42
-    config.model = _model(arg)
+    config.model = _model(name)
     config.data = dict(
         num_frames=8,
-        frame_sampling="uniform",
-        max_txt_len=32,
-        end_sym="\n",
-        tokenizer="",  # a local Hugging Face tokenizer directory; empty = build a small BPE (tiny / demo only)
-        shards="",  # a vllama-prepare output folder (its manifest.json); empty = the tiny default's own clips
+        frame_sampling=recipe["frame_sampling"],
+        max_txt_len=recipe["max_txt_len"],
+        end_sym=recipe["end_sym"],
+        tokenizer="",  # a local Hugging Face tokenizer directory (LLaMA's, for the real models)
+        # vllama-prepare output folders, comma-separated, mixed by one global shuffle; empty = the tiny default
+        shards="",
         eval_shards="",  # held-out shards, captioned greedily at the end of training (eval.json)
         synthetic_clips=0,
         synthetic_eval_clips=0,
     )
     config.eval = dict(at_end=True, batch_size=16, max_new_tokens=16, score="")
-    config.batch_size = 2 if arg == "tiny" else 32
-    # vision stage 1 (SPEC §8): AdamW, wd 0.05, warmup 1e-6 -> 1e-4 over 2500 iterations, cosine to 8e-5, 5 x 2500
+    config.batch_size = recipe["batch"]
     config.optimizer = dataclasses.asdict(OptimizerConfig())
+    config.optimizer.update({k: recipe[k] for k in ("init_lr", "min_lr", "warmup_lr", "warmup_steps", "iters_per_epoch", "max_epoch")})
     # frozen_checkpoint: an orbax directory holding every frozen parameter (vllama-convert's output); empty =
-    # random from the seed, except for the tiny default, which writes its own. peak_flops: per device, for MFU (0 = known
-    # accelerator table, or measured on a CPU)
-    config.train = dict(steps=5 * 2500, checkpoint_every=500, keep=3, max_nonfinite=10, log_every=50, frozen_checkpoint="", peak_flops=0.0)
-    if arg == "tiny":
+    # random from the seed, except for the tiny default, which writes its own. init_trainable: a previous run's
+    # work directory whose newest trainable weights start this one (stage 2 from stage 1). peak_flops: per
+    # device, for MFU (0 = the known-accelerator table, or measured on a CPU).
+    config.train = dict(steps=recipe["max_epoch"] * recipe["iters_per_epoch"], checkpoint_every=500, keep=3,
+                        max_nonfinite=10, log_every=50, frozen_checkpoint="", init_trainable="", peak_flops=0.0)
+    if name == "tiny" and recipe_name == "vision_stage1":
         config.optimizer.update(init_lr=5e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50, iters_per_epoch=400, max_epoch=6)
         config.train.update(steps=2400, checkpoint_every=400, log_every=200)
         config.batch_size = 16
         config.data.update(num_frames=4, max_txt_len=16, synthetic_clips=480, synthetic_eval_clips=48)
         # the one LLM that trains: the tiny LLaMA on the caption text, before it is frozen (tiny_default.py)
         config.llm_pretraining = dict(steps=300, batch_size=32, learning_rate=3e-3, length=40)
+    elif name == "tiny":
+        config.data.update(num_frames=4, max_txt_len=48)
+        config.train.update(steps=12, checkpoint_every=4, log_every=1)
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]
     return config

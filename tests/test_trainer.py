@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 
 STEPS = 150
@@ -84,10 +85,15 @@ def workdir_with_data(path, synthetic):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(repo_root, tmp_path_factory, synthetic):
+def uninterrupted_run(repo_root, tmp_path_factory, synthetic):
     workdir = workdir_with_data(tmp_path_factory.mktemp("uninterrupted"), synthetic)
     run(workdir, repo_root)
-    return losses(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return losses(uninterrupted_run)
 
 
 def test_training_reduces_the_loss(uninterrupted):
@@ -117,3 +123,48 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(repo_root, tmp_path, 
     assert str(stopped_at) in os.listdir(tmp_path / "checkpoints")  # saved where it stopped, not at a multiple of 4
     run(tmp_path, repo_root)
     assert losses(tmp_path) == uninterrupted
+
+
+def test_stage2_recipe_starts_from_stage1_weights_on_instruction_shards(repo_root, tmp_path, synthetic, uninterrupted_run):
+    """`tiny,vision_stage2` on LLaVA-format conversation shards (real JPEGs through vllama-prepare), its trainable
+    weights taken from the stage-1 run, its frozen ones from the frozen checkpoint."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from vllama_jax.data.prepare import prepare
+    from vllama_jax.data.synthetic import SYNTHETIC_COLORS, write_test_image
+
+    media = tmp_path / "images"
+    media.mkdir()
+    annotations = []
+    for i, (name, rgb) in enumerate(SYNTHETIC_COLORS.items()):
+        write_test_image(media / f"{i}.jpg", color=rgb)
+        annotations.append({"id": str(i), "image": f"{i}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the left half?"}, {"from": "gpt", "value": f"It is {name}."},
+            {"from": "human", "value": "And the right half?"}, {"from": "gpt", "value": "Black."}]})
+    (tmp_path / "llava.json").write_text(json.dumps(annotations))
+    prepare("llava_instruct", tmp_path / "llava.json", media, tmp_path / "shards", name="llava", log=lambda *_: None)
+
+    workdir = tmp_path / "stage2"
+    result = subprocess.run(
+        ["vllama-train", "--config=configs/video_llama.py:tiny,vision_stage2", f"--workdir={workdir}",
+         f"--config.data.shards={tmp_path / 'shards'}", f"--config.data.tokenizer={synthetic / 'tokenizer'}",
+         f"--config.train.frozen_checkpoint={synthetic / 'frozen'}", f"--config.train.init_trainable={uninterrupted_run}",
+         "--config.train.steps=1", "--config.batch_size=2"],
+        cwd=repo_root, env=environment(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"trainable weights from {uninterrupted_run}" in result.stdout
+    (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert record["examples"] == 2 and record["tokens"] > 0 and np.isfinite(record["loss"])
+    assert record["learning_rate"] == pytest.approx(1e-6)  # stage 2's warmup start
+
+    def trainable(run_dir, step):
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore((run_dir / "checkpoints" / str(step) / "state").absolute())["trainable"]
+
+    before, after = trainable(uninterrupted_run, STEPS), trainable(workdir, 1)
+    changed = 0
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        np.testing.assert_allclose(b, a, atol=1e-5)  # one AdamW step at lr 1e-6 moves a weight by ~1e-6
+        changed += int(not np.array_equal(a, b))
+    assert changed > 0

@@ -116,7 +116,7 @@ def write_shape_video(path: str | Path, color: str, shape: str, motion: str, rng
     """An H.264 mp4 (size x size) of one coloured shape crossing the frame; size, offset across the path and
     background brightness vary with `rng`, so clips of the same caption differ."""
     path = Path(path)
-    side = int(rng.integers(size * 3 // 8, size // 2 + 1))
+    side = int(rng.integers(size * 7 // 16, size // 2 + 1))  # narrow: the shapes differ in area, not only outline
     travel = size - side
     across = float(rng.uniform(0.25, 0.75))  # where on the perpendicular axis the path runs
     (x0, y0), (x1, y1) = MOTIONS[motion]

@@ -1,11 +1,11 @@
 """The training loop, top to bottom: data → model → sharded state → steps → metrics and orbax checkpoints.
 
-A run lives in one work directory (`checkpoints/`, `metrics.jsonl`, and for the tiny default `data/` and
-`tokenizer/`). Starting again in the same directory resumes from the newest complete checkpoint: the train
-state (trainable parameters, optimizer state, step, rng, skip count) and the data iterator's position, so the
-resumed run computes exactly what the uninterrupted one would have. SIGTERM (preemption) saves at the next step
-boundary and returns normally. Frozen weights are not checkpointed: they come from their own source (today the
-config's seed; a converted checkpoint once `vllama-convert` lands).
+A run lives in one work directory (`checkpoints/`, `metrics.jsonl`, `tensorboard/`, `loss.png`, and for the
+tiny default `data/`, `tokenizer/`, `frozen/`, `eval.json`). Starting again in the same directory resumes from
+the newest complete checkpoint: the train state (trainable parameters, optimizer state, step, rng, skip count)
+and the data iterator's position, so the resumed run computes exactly what the uninterrupted one would have.
+SIGTERM (preemption) saves at the next step boundary and returns normally. Frozen weights are not checkpointed:
+they are read from `train.frozen_checkpoint` (or are random from the seed when it is empty).
 """
 from __future__ import annotations
 
@@ -65,6 +65,21 @@ def startup_summary(mesh, boxed_params, abstract_state, shardings, cost: dict, p
     return lines
 
 
+def restore_trainable(source: str, abstract_state, state_shardings):
+    """Trainable parameters, in their shardings, from a parameter checkpoint (`vllama-convert import --part
+    trainable`) or from the newest checkpoint of another run's work directory."""
+    directory = (Path(source) / "checkpoints").absolute()
+    if not directory.is_dir():
+        return restore_params(source, abstract_state.trainable, state_shardings.trainable)
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"train.init_trainable: no complete checkpoint in {directory}")
+        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_shardings)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return restored["state"].trainable
+
+
 def unboxed(tree):
     """The values of a boxed tree without nn.unbox's sharding constraints (which need concrete arrays under a mesh)."""
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
@@ -94,7 +109,8 @@ def train(config, workdir: str | Path, log=print) -> dict:
     # data
     if not config.data.shards:  # the tiny default: its own clips, tokenizer and frozen LLM, made in workdir
         config = tiny_default.prepare(config, workdir, log)
-    shards, tokenizer = shard_paths(config.data.shards), load_tokenizer(config.data.tokenizer)
+    shards = [path for folder in config.data.shards.split(",") for path in shard_paths(folder.strip())]
+    tokenizer = load_tokenizer(config.data.tokenizer)
     model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
     pipeline_cfg = PipelineConfig(
         batch_size=config.batch_size // jax.process_count(),
@@ -126,7 +142,8 @@ def train(config, workdir: str | Path, log=print) -> dict:
     boxed = jax.eval_shape(init)
     boxed_trainable, boxed_frozen = split_params(boxed, VISUAL_TRAINABLE)
     optimizer = make_optimizer(opt_cfg)
-    make_state = lambda params: init_state(split_params(params, VISUAL_TRAINABLE)[0], optimizer, jax.random.PRNGKey(config.seed + 1))  # noqa: E731
+    make_state_from = lambda trainable: init_state(trainable, optimizer, jax.random.PRNGKey(config.seed + 1))  # noqa: E731
+    make_state = lambda params: make_state_from(split_params(params, VISUAL_TRAINABLE)[0])  # noqa: E731
     abstract_state = jax.eval_shape(make_state, boxed)
     state_shardings = sharding.mesh_shardings(abstract_state, mesh, rules)
     frozen_shardings = sharding.mesh_shardings(boxed_frozen, mesh, rules)
@@ -149,7 +166,11 @@ def train(config, workdir: str | Path, log=print) -> dict:
             log("frozen weights: random from the seed (set train.frozen_checkpoint to a converted checkpoint)")
             frozen = jax.jit(lambda: split_params(nn.unbox(init()), VISUAL_TRAINABLE)[1], out_shardings=frozen_shardings)()
         latest = manager.latest_step()  # only complete checkpoints count: orbax commits by an atomic rename
-        if latest is None:  # XLA drops the unused frozen half of init
+        if latest is None and train_cfg.init_trainable:  # e.g. stage 2 from stage 1: weights only, fresh optimizer
+            state = jax.jit(make_state_from, out_shardings=state_shardings)(
+                restore_trainable(train_cfg.init_trainable, unboxed(abstract_state), state_shardings))
+            log(f"trainable weights from {train_cfg.init_trainable}")
+        elif latest is None:  # XLA drops the unused frozen half of init
             state = jax.jit(lambda: make_state(nn.unbox(init())), out_shardings=state_shardings)()
         else:
             abstract = jax.tree_util.tree_map(

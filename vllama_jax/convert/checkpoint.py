@@ -1,0 +1,301 @@
+"""PyTorch files -> one orbax parameter checkpoint, and back, with strict key accounting.
+
+Import plans everything from the files' headers first (which file each parameter comes from, shapes, dtypes,
+unknown keys) and refuses with every problem named before anything is written. It then writes the checkpoint
+one output array at a time: orbax is handed lazy leaves (`LazyArray`) that are materialised, written and
+released in turn, so peak memory is one output array (for a scanned LLaMA, one stacked weight) plus the source
+tensors it is built from (memory-mapped). The checkpoint is written under a temporary name by orbax and only
+renamed into place when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers
+
+from vllama_jax.convert import sources as src
+from vllama_jax.convert.mapping import ConversionError, Rule, _to_ours, flatten, torch_shape, unflatten
+
+
+class LazyArray:
+    """A checkpoint leaf whose values are computed when orbax writes it."""
+
+    def __init__(self, shape, dtype, make: Callable[[], np.ndarray]):
+        self.shape, self.dtype, self._make = tuple(shape), np.dtype(dtype), make
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def load(self) -> np.ndarray:
+        return self._make()
+
+
+class _OneAtATimeHandler(type_handlers.NumpyHandler):
+    """Writes LazyArray leaves as numpy arrays (same on-disk format, restored as usual), one after another."""
+
+    async def _background_serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        for value, info, arg in zip(values, infos, args):
+            array = value.load()
+            await super()._background_serialize([array], [info], [arg])
+            del array
+
+
+type_handlers.register_type_handler(LazyArray, _OneAtATimeHandler(), override=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Where one unscanned parameter comes from: a source key, a transform, and for packed q/k/v which third."""
+
+    key: str
+    transform: str
+    third: int | None = None
+
+
+def target_index(rules: Iterable[Rule]) -> dict[str, Piece]:
+    out = {}
+    for rule in rules:
+        if rule.transform == "split3":
+            for j, target in enumerate(rule.targets):
+                out[target] = Piece(rule.source, "linear", j)
+        else:
+            out[rule.target] = Piece(rule.source, rule.transform)
+    return out
+
+
+def _materialise(tensor: src.Tensor, piece: Piece, shape: tuple[int, ...], dtype) -> np.ndarray:
+    array = tensor.load()
+    if piece.third is not None:
+        array = np.split(array, 3, axis=0)[piece.third]
+    return _to_ours(array, piece.transform, shape).astype(dtype, copy=False)
+
+
+@dataclasses.dataclass
+class ImportPlan:
+    leaves: dict[str, LazyArray]  # our param path (scanned layout) -> lazy output array
+    origin: dict[str, str]  # our param path -> the file(s) its values come from
+    dropped: dict[str, list[str]]  # file -> keys dropped on purpose
+    outside_part: list[str]  # source keys that belong to parameters this output does not hold
+
+    def tree(self) -> dict:
+        return unflatten(self.leaves)
+
+
+def plan_import(
+    sources: list[src.Source],
+    rules: list[Rule],
+    shapes: dict[str, tuple[int, ...]],
+    scanned: list[tuple[str, int]],
+    *,
+    part: Callable[[str], bool] = lambda path: True,
+    dtype=None,
+    ignore: Iterable[str] = (),
+) -> ImportPlan:
+    """Map `sources` (later ones override earlier ones key by key) onto the parameters `part` selects.
+
+    shapes: our unscanned flat shapes ({'visual_encoder/blocks_0/…': shape}); scanned: (subtree, layers) pairs
+    whose layers are stacked in the output. Raises ConversionError naming every problem.
+    """
+    merged: dict[str, src.Tensor] = {}
+    for source in sources:
+        merged.update(source.tensors)
+    index = target_index(rules)
+    used_keys = {piece.key for piece in index.values()}
+    problems: list[str] = []
+
+    # keys nobody uses: dropped on purpose (by the kind of file they came from), or an error
+    drop = {s.kind: src.dropped_patterns(s.kind) for s in sources}
+    ignore_res = [re.compile(p) for p in ignore]
+    dropped: dict[str, list[str]] = {}
+    unknown = []
+    for key, tensor in merged.items():
+        if key in used_keys:
+            continue
+        kind = next(s.kind for s in sources if tensor.source in s.files)
+        if any(p.fullmatch(key) for p in drop[kind] + ignore_res):
+            dropped.setdefault(tensor.source, []).append(key)
+        else:
+            unknown.append(f"{key} (in {tensor.source})")
+    if unknown:
+        problems.append(f"{len(unknown)} keys no parameter uses and no list drops: {', '.join(sorted(unknown)[:20])}")
+
+    # every selected parameter: present, right shape, one dtype per output array
+    wanted = {t: p for t, p in index.items() if part(t)}
+    outside = sorted({p.key for t, p in index.items() if not part(t) and p.key in merged})
+    per_target: dict[str, tuple[src.Tensor, Piece]] = {}
+    for target, piece in sorted(wanted.items()):
+        if target not in shapes:
+            problems.append(f"{piece.key}: the model has no parameter {target!r}")
+            continue
+        tensor = merged.get(piece.key)
+        if tensor is None:
+            problems.append(f"missing {piece.key} (for {target})")
+            continue
+        expected = torch_shape(piece.transform, shapes[target])
+        if piece.third is not None:
+            expected = (expected[0] * 3, *expected[1:])
+        if tensor.shape != expected:
+            problems.append(f"{piece.key} in {tensor.source}: shape {tensor.shape}, expected {expected} (for {target} {shapes[target]})")
+            continue
+        per_target[target] = (tensor, piece)
+    not_mapped = sorted(t for t in shapes if part(t) and t not in index)
+    if not_mapped:
+        problems.append(f"{len(not_mapped)} parameters no rule fills: {', '.join(not_mapped[:20])}")
+    if problems:
+        raise ConversionError("cannot import:\n  " + "\n  ".join(problems))
+
+    leaves: dict[str, LazyArray] = {}
+    origin: dict[str, str] = {}
+    stacked: dict[str, list[tuple[int, str]]] = {}  # scanned output path -> [(layer, unscanned target)]
+    for target in per_target:
+        for subtree, _ in scanned:
+            m = re.match(rf"{re.escape(subtree)}_(\d+)/(.*)", target)
+            if m:
+                stacked.setdefault(f"{subtree}/{m.group(2)}", []).append((int(m.group(1)), target))
+                break
+        else:
+            tensor, piece = per_target[target]
+            out_dtype = np.dtype(dtype) if dtype else tensor.dtype
+            leaves[target] = LazyArray(shapes[target], out_dtype, lambda t=tensor, p=piece, s=shapes[target], d=out_dtype: _materialise(t, p, s, d))
+            origin[target] = tensor.source
+    for path, layers in stacked.items():
+        layers.sort()
+        subtree = next(s for s, _ in scanned if path.startswith(s + "/"))
+        count = dict(scanned)[subtree]
+        if [i for i, _ in layers] != list(range(count)):
+            problems.append(f"{path}: layers {[i for i, _ in layers]} of {count}")
+            continue
+        dtypes = {per_target[t][0].dtype for _, t in layers}
+        if len(dtypes) > 1 and not dtype:
+            problems.append(f"{path}: its layers come in several dtypes {sorted(map(str, dtypes))}; pass --dtype")
+            continue
+        out_dtype = np.dtype(dtype) if dtype else dtypes.pop()
+        layer_shape = shapes[layers[0][1]]
+
+        def build(layers=layers, layer_shape=layer_shape, out_dtype=out_dtype):
+            out = np.empty((len(layers), *layer_shape), out_dtype)
+            for i, target in layers:
+                tensor, piece = per_target[target]
+                out[i] = _materialise(tensor, piece, layer_shape, out_dtype)
+            return out
+
+        leaves[path] = LazyArray((count, *layer_shape), out_dtype, build)
+        origin[path] = ", ".join(sorted({per_target[t][0].source for _, t in layers}))
+    if problems:
+        raise ConversionError("cannot import:\n  " + "\n  ".join(problems))
+    return ImportPlan(leaves, origin, dropped, outside)
+
+
+def write_import(plan: ImportPlan, out: str | Path) -> Path:
+    """Write the planned checkpoint (orbax, one array at a time); refuses an existing `out`."""
+    out = Path(out).absolute()
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; refusing to overwrite")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(out, plan.tree())
+    return out
+
+
+def unscanned_shapes(abstract_params, scanned: list[tuple[str, int]]) -> dict[str, tuple[int, ...]]:
+    """Our flat parameter shapes with every scanned stack split into its numbered layers."""
+    flat = {k: tuple(v.shape) for k, v in flatten(abstract_params).items()}
+    for subtree, count in scanned:
+        for key in [k for k in flat if k.startswith(subtree + "/")]:
+            shape = flat.pop(key)
+            for i in range(count):
+                flat[f"{subtree}_{i}/{key[len(subtree) + 1:]}"] = shape[1:]
+    return flat
+
+
+# ---- export ----
+
+def export_state_dict_subset(flat_unscanned: dict[str, np.ndarray], rules: list[Rule]) -> dict[str, np.ndarray]:
+    """{original key: array in PyTorch layout} for every rule whose parameters are all present."""
+    from vllama_jax.convert.mapping import flat_params_to_torch
+
+    present = [r for r in rules if all(t in flat_unscanned for t in r.targets)]
+    return flat_params_to_torch(flat_unscanned, present)
+
+
+def torch_tensors(state_dict: dict[str, np.ndarray]) -> dict:
+    """numpy (bfloat16 included) -> torch tensors with the same bytes."""
+    import ml_dtypes
+    import torch
+
+    out = {}
+    for key, array in state_dict.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype == ml_dtypes.bfloat16:
+            out[key] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        else:
+            out[key] = torch.from_numpy(array)
+    return out
+
+
+def save_original(state_dict: dict[str, np.ndarray], out: str | Path) -> Path:
+    """`{'model': state_dict}` as the original Video-LLaMA saves and loads it; written whole, then renamed."""
+    import torch
+
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; refusing to overwrite")
+    partial = out.with_name(out.name + ".partial")
+    torch.save({"model": torch_tensors(state_dict)}, partial)
+    partial.rename(out)
+    return out
+
+
+def save_hf_llama(state_dict: dict[str, np.ndarray], llm_config, out: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """A Hugging Face Llama folder (config.json, safetensors shards, index) from `model.*` / `lm_head.*` keys."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; refusing to overwrite")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    shards, current, size = [], {}, 0
+    for key in sorted(state_dict):
+        nbytes = state_dict[key].nbytes
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = state_dict[key]
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(torch_tensors(shard), str(partial / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(a.nbytes for a in state_dict.values())
+    (partial / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    dtypes = {str(a.dtype) for a in state_dict.values()}
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": llm_config.vocab_size, "hidden_size": llm_config.hidden_size,
+        "intermediate_size": llm_config.intermediate_size, "num_hidden_layers": llm_config.num_layers,
+        "num_attention_heads": llm_config.num_heads, "num_key_value_heads": llm_config.num_kv_heads,
+        "rms_norm_eps": llm_config.rms_norm_eps, "rope_theta": llm_config.rope_theta,
+        "max_position_embeddings": getattr(llm_config, "max_position_embeddings", 4096), "hidden_act": "silu",
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": dtypes.pop() if len(dtypes) == 1 else "float32",
+    }
+    (partial / "config.json").write_text(json.dumps(config, indent=1))
+    partial.rename(out)
+    return out

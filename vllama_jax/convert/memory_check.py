@@ -1,0 +1,133 @@
+"""Peak memory of `vllama-convert import` on a synthetic sharded Llama checkpoint, against its largest shard.
+
+    python -m vllama_jax.convert.memory_check --gigabytes 2.1 --shard-megabytes 500 --workdir /tmp/memcheck
+
+Writes a Hugging Face Llama folder (float16 safetensors shards with an index; LLaMA-shaped, sized to
+`--gigabytes`), imports it with the CLI in a child process (the LLM only, scanned layers, so the largest output
+array is one stacked weight), and prints the child's peak RSS, the same CLI's RSS after its imports alone
+(`--dry-run`: it plans everything but reads no array), the largest shard and the largest output array. Checks a few converted tensors against the source.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = '''
+import importlib.util
+_spec = importlib.util.spec_from_file_location("_base", {base!r})
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+
+def get_config(arg=""):
+    config = _base.get_config("tiny")
+    config.model.llm.update({llm})
+    return config
+'''
+
+
+def llama_shapes(vocab: int, hidden: int, mlp: int, layers: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
+                       p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (mlp, hidden), p + "mlp.up_proj.weight": (mlp, hidden),
+                       p + "mlp.down_proj.weight": (hidden, mlp), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    return shapes
+
+
+def tensor_values(key: str, shape) -> np.ndarray:
+    """Cheap, key-dependent float16 values (every tensor differs, so a mix-up shows)."""
+    seed = sum(key.encode()) % 997
+    return ((np.arange(int(np.prod(shape)), dtype=np.int64) * 7 + seed) % 2003 - 1001).astype(np.float16).reshape(shape) / 1024
+
+
+def write_llama(folder: Path, shapes: dict, shard_bytes: int, llm: dict) -> list[int]:
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    shards, current, size = [], [], 0
+    for key, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * 2
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += nbytes
+    shards.append(current)
+    weight_map, sizes = {}, []
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: tensor_values(k, shapes[k]) for k in keys}, str(folder / name))
+        weight_map.update({k: name for k in keys})
+        sizes.append((folder / name).stat().st_size)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **llm}))
+    return sizes
+
+
+def child_peak_rss(command: list[str]) -> tuple[int, subprocess.CompletedProcess]:
+    """Run `command` in a fresh process (through a tiny wrapper) and return its own peak RSS in bytes."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    result = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True)
+    peak = int(result.stdout.strip().splitlines()[-1].split()[1]) * 1024
+    return peak, result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gigabytes", type=float, default=2.1)
+    parser.add_argument("--shard-megabytes", type=float, default=500)
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    hidden, mlp, vocab = 2048, 5632, 32000
+    per_layer = (4 * hidden * hidden + 3 * mlp * hidden + 2 * hidden) * 2
+    layers = max(1, round((args.gigabytes * 2**30 - 2 * vocab * hidden * 2) / per_layer))
+    llm = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_layers=layers, num_heads=16,
+               num_kv_heads=16, scan_layers=True, dtype="float32", param_dtype="float16")
+    shapes = llama_shapes(vocab, hidden, mlp, layers)
+    sizes = write_llama(workdir / "llama", shapes, int(args.shard_megabytes * 2**20), dict(llm))
+    config = workdir / "config.py"
+    repo_config = Path(__file__).resolve().parents[2] / "configs" / "video_llama.py"
+    config.write_text(CONFIG.format(base=str(repo_config), llm=repr(llm)))
+
+    command = ["vllama-convert", "import", f"--config={config}:x", "--part", "llama_model",
+               "--source", str(workdir / "llama"), "--out", str(workdir / "orbax")]
+    baseline, _ = child_peak_rss([*command, "--dry-run"])  # everything but reading and writing the arrays
+    peak, result = child_peak_rss(command)
+    if result.returncode != 0:
+        raise SystemExit(f"import failed:\n{result.stderr[-3000:]}")
+    largest_output = max(layers * mlp * hidden, vocab * hidden) * 2
+    # spot-check: a stacked weight's last layer and the embedding, against the source values
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore((workdir / "orbax").absolute())
+    llama = params["llama_model"]
+    ok = np.array_equal(np.asarray(llama["decoder"]["layers"]["down_proj"]["kernel"][-1]),
+                        tensor_values(f"model.layers.{layers - 1}.mlp.down_proj.weight", (hidden, mlp)).T)
+    ok &= np.array_equal(np.asarray(llama["embed_tokens"]["embedding"]), tensor_values("model.embed_tokens.weight", (vocab, hidden)))
+    report = {
+        "checkpoint_bytes": sum(sizes), "shards": len(sizes), "largest_shard_bytes": max(sizes),
+        "largest_output_array_bytes": largest_output, "peak_rss_bytes": peak, "dry_run_rss_bytes": baseline,
+        "peak_minus_dry_run_bytes": peak - baseline, "values_match": bool(ok),
+    }
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    print(f"checkpoint {gib(sum(sizes))} in {len(sizes)} shards (largest {gib(max(sizes))}); largest output array "
+          f"{gib(largest_output)}; import peak RSS {gib(peak)} = {gib(baseline)} for a dry run + {gib(peak - baseline)} "
+          f"({(peak - baseline) / max(sizes):.2f} x the largest shard); values match: {bool(ok)}")
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
