@@ -28,9 +28,12 @@ LLMS = {
 # Same structure as the full model, small enough for CPU tests: 28-px frames (4 patches), 2-layer towers,
 # a Q-Former with cross-attention every other layer (as BLIP-2), a GQA LLM.
 TINY = dict(
-    vision=dict(image_size=28, width=48, num_layers=2, num_heads=4, mlp_dim=96),
+    vision=dict(image_size=28, width=48, num_layers=2, num_heads=4, mlp_dim=96, pos_embed_init_std=0.2),
     # Its frozen towers are random; at BERT's init range (0.02) a random Q-Former's output hardly depends on the
     # image (the learned queries dominate: 0.3 % spread across clips), where a trained one's does: 0.3 gives ~38 %.
+    # Its random ViT gets a stronger position embedding (std 0.2, not EVA's 0.02) so that where things are in a
+    # frame, and so the direction of motion, reaches the Q-Former's output: held-out motion accuracy 81 % vs 58 %
+    # in a same-data comparison (README, Measured).
     qformer=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=48, cross_attention_freq=2, initializer_range=0.3),
     num_query_tokens=4,
     video_qformer=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=32, cross_attention_freq=1),
@@ -105,14 +108,14 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
     config.train = dict(steps=recipe["max_epoch"] * recipe["iters_per_epoch"], checkpoint_every=500, keep=3,
                         max_nonfinite=10, log_every=50, frozen_checkpoint="", init_trainable="", peak_flops=0.0)
     if name == "tiny" and recipe_name == "vision_stage1":
-        config.optimizer.update(init_lr=5e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50, iters_per_epoch=400, max_epoch=6)
-        config.train.update(steps=2400, checkpoint_every=400, log_every=200)
-        config.batch_size = 16
-        config.data.update(num_frames=4, max_txt_len=16, synthetic_clips=480, synthetic_eval_clips=48)
+        config.optimizer.update(init_lr=3e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50, iters_per_epoch=300, max_epoch=6)
+        config.train.update(steps=1800, checkpoint_every=300, log_every=150)
+        config.batch_size = 32
+        config.data.update(num_frames=4, max_txt_len=16, synthetic_clips=960, synthetic_eval_clips=48)
         # the one LLM that trains: the tiny LLaMA on the caption text, before it is frozen (tiny_default.py)
         config.llm_pretraining = dict(steps=300, batch_size=32, learning_rate=3e-3, length=40)
     elif name == "tiny":
-        config.data.update(num_frames=4, max_txt_len=48)
+        config.data.update(num_frames=4, max_txt_len=160)
         config.train.update(steps=12, checkpoint_every=4, log_every=1)
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]

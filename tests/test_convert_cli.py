@@ -73,6 +73,10 @@ def test_import_runs_like_the_pytorch_model(files, imported):
     assert "dropped on purpose" in stdout and "t5_proj.weight" in stdout
     assert re.search(r"visual_encoder\s+[\d,]+\s+[\d.]+\s+float16\s+<- eva_vit_g.pth", stdout), stdout
     assert re.search(r"llama_model .*<- model-0000\d-of-0000\d.safetensors", stdout), stdout
+    assert re.search(r"\[\d+/\d+\] llama_model/lm_head/kernel \(64, 512\) float32", stdout)  # progress, array by array
+    report = json.loads(out.with_name(out.name + ".sources.json").read_text())
+    assert report["parameters"]["llama_proj/kernel"].endswith("video_llama_branch.pth")
+    assert report["parameters"]["visual_encoder/cls_token"].endswith("eva_vit_g.pth")
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(out.absolute())
     assert params["visual_encoder"]["cls_token"].dtype == np.float16  # dtype preserved

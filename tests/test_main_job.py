@@ -58,9 +58,9 @@ def test_it_learns_to_caption_held_out_clips(main_job):
     report = json.loads((workdir / "eval.json").read_text())
     assert report["clips"] == 48
     accuracy = report["attribute_accuracy"]
-    # measured here: colour 98 %, motion 83 %, shape 60 % (chance 25 / 25 / 33 %); shape is the hardest at
-    # 28-pixel frames (2 x 2 patches). Bounds leave room for x264's run-to-run encoding differences.
-    floors = {"color": 0.9, "motion": 0.6, "shape": 0.45}
+    # measured: colour 100 %, motion 90 %, shape 69 % (chance 25 / 25 / 33 %); earlier runs of nearby settings
+    # ranged over motion 58-88 %, shape 52-73 %. The floors sit below that spread and well above chance.
+    floors = {"color": 0.9, "motion": 0.5, "shape": 0.45}
     for attribute, floor in floors.items():
         assert accuracy[attribute] >= floor > report["chance"][attribute] + 0.1, (attribute, accuracy)
 

@@ -25,8 +25,9 @@ from vllama_jax.convert.mapping import ConversionError, Rule, _to_ours, flatten,
 class LazyArray:
     """A checkpoint leaf whose values are computed when orbax writes it."""
 
-    def __init__(self, shape, dtype, make: Callable[[], np.ndarray]):
-        self.shape, self.dtype, self._make = tuple(shape), np.dtype(dtype), make
+    def __init__(self, shape, dtype, make: Callable[[], np.ndarray], name: str = ""):
+        self.shape, self.dtype, self._make, self.name = tuple(shape), np.dtype(dtype), make, name
+        self.on_written: Callable[["LazyArray"], None] = lambda leaf: None
 
     @property
     def ndim(self) -> int:
@@ -49,9 +50,22 @@ class _OneAtATimeHandler(type_handlers.NumpyHandler):
             array = value.load()
             await super()._background_serialize([array], [info], [arg])
             del array
+            value.on_written(value)
 
 
-type_handlers.register_type_handler(LazyArray, _OneAtATimeHandler(), override=True)
+def _register_handler():
+    """Register the handler quietly: orbax warns that it shares numpy's type string, which is the point."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        type_handlers.register_type_handler(LazyArray, _OneAtATimeHandler(), override=True)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+_register_handler()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +181,7 @@ def plan_import(
         else:
             tensor, piece = per_target[target]
             out_dtype = np.dtype(dtype) if dtype else tensor.dtype
-            leaves[target] = LazyArray(shapes[target], out_dtype, lambda t=tensor, p=piece, s=shapes[target], d=out_dtype: _materialise(t, p, s, d))
+            leaves[target] = LazyArray(shapes[target], out_dtype, lambda t=tensor, p=piece, s=shapes[target], d=out_dtype: _materialise(t, p, s, d), target)
             origin[target] = tensor.source
     for path, layers in stacked.items():
         layers.sort()
@@ -190,20 +204,32 @@ def plan_import(
                 out[i] = _materialise(tensor, piece, layer_shape, out_dtype)
             return out
 
-        leaves[path] = LazyArray((count, *layer_shape), out_dtype, build)
+        leaves[path] = LazyArray((count, *layer_shape), out_dtype, build, path)
         origin[path] = ", ".join(sorted({per_target[t][0].source for _, t in layers}))
     if problems:
         raise ConversionError("cannot import:\n  " + "\n  ".join(problems))
     return ImportPlan(leaves, origin, dropped, outside)
 
 
-def write_import(plan: ImportPlan, out: str | Path) -> Path:
-    """Write the planned checkpoint (orbax, one array at a time); refuses an existing `out`."""
+def write_import(plan: ImportPlan, out: str | Path, progress: Callable[[str], None] = lambda line: None) -> Path:
+    """Write the planned checkpoint (orbax, one array at a time) and `<out>.sources.json` (the file each
+    parameter came from, and what was dropped); refuses an existing `out`."""
+    import json
+
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"{out} already exists; refusing to overwrite")
+    written = []
+    for leaf in plan.leaves.values():
+        def report(leaf, total=len(plan.leaves)):
+            written.append(leaf.name)
+            progress(f"  [{len(written)}/{total}] {leaf.name} {leaf.shape} {leaf.dtype.name}")
+        leaf.on_written = report
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(out, plan.tree())
+    report_path = out.with_name(out.name + ".sources.json")
+    report_path.write_text(json.dumps({"parameters": plan.origin, "dropped": plan.dropped,
+                                       "not_in_this_part": plan.outside_part}, indent=1) + "\n")
     return out
 
 

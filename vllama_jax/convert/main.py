@@ -104,7 +104,7 @@ def run_import(args) -> int:
         return 0
     started = time.time()
     print(f"writing {len(plan.leaves)} arrays to {args.out} …", flush=True)
-    write_import(plan, args.out)
+    write_import(plan, args.out, progress=lambda line: print(line, flush=True))
     print(f"wrote {args.out} in {time.time() - started:.1f} s")
     for row in summary_table(plan.tree(), plan.origin):
         print(row)

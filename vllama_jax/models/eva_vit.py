@@ -25,6 +25,7 @@ class EvaVitConfig:
     mlp_dim: int = 6144
     layer_norm_eps: float = 1e-6
     ln_vision_eps: float = 1e-5
+    pos_embed_init_std: float = 0.02  # EVA's trunc-normal std; only a randomly initialised tower cares
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = False
@@ -101,7 +102,7 @@ class EvaVisionTransformer(nn.Module):
         )
         pos_embed = self.param(
             "pos_embed",
-            layers.param_init(layers.normal(), (None, None, "embed")),
+            layers.param_init(layers.normal(cfg.pos_embed_init_std), (None, None, "embed")),
             (1, cfg.num_patches + 1, cfg.width),
             param_dtype,
         )
