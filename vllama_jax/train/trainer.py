@@ -87,7 +87,9 @@ def unboxed(tree):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks at each step boundary."""
+    """Turns SIGTERM into a flag the loop checks at each step boundary. In a multi-process job the processes
+    agree every step (a one-integer all-gather), so a signal to any one of them stops all at the same step; JAX's
+    own preemption notices (TPU maintenance events) count too."""
 
     def __init__(self):
         self.requested = False
@@ -98,6 +100,12 @@ class _Preemption:
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        anyone = bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+        return anyone or multihost_utils.reached_preemption_sync_point(step)
 
 
 def train(config, workdir: str | Path, log=print) -> dict:
@@ -214,7 +222,7 @@ def train(config, workdir: str | Path, log=print) -> dict:
                 if int(state.skipped) > train_cfg.max_nonfinite:
                     stop_reason = f"stopped: {int(state.skipped)} non-finite steps (max_nonfinite={train_cfg.max_nonfinite})"
                     break
-                preempted = preemption.requested if jax.process_count() == 1 else multihost_utils.reached_preemption_sync_point(step + 1)
+                preempted = preemption.agreed(step + 1)
                 if (step + 1) % train_cfg.checkpoint_every == 0 or preempted or step + 1 == train_cfg.steps:
                     manager.save(step + 1, args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
