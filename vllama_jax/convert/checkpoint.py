@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import type_handlers
 
 from vllama_jax.convert import sources as src
-from vllama_jax.convert.mapping import ConversionError, Rule, _to_ours, flatten, torch_shape, unflatten
+from vllama_jax.convert.mapping import ConversionError, Rule, _to_ours, torch_shape, unflatten
 
 
 class LazyArray:
@@ -231,17 +231,6 @@ def write_import(plan: ImportPlan, out: str | Path, progress: Callable[[str], No
     report_path.write_text(json.dumps({"parameters": plan.origin, "dropped": plan.dropped,
                                        "not_in_this_part": plan.outside_part}, indent=1) + "\n")
     return out
-
-
-def unscanned_shapes(abstract_params, scanned: list[tuple[str, int]]) -> dict[str, tuple[int, ...]]:
-    """Our flat parameter shapes with every scanned stack split into its numbered layers."""
-    flat = {k: tuple(v.shape) for k, v in flatten(abstract_params).items()}
-    for subtree, count in scanned:
-        for key in [k for k in flat if k.startswith(subtree + "/")]:
-            shape = flat.pop(key)
-            for i in range(count):
-                flat[f"{subtree}_{i}/{key[len(subtree) + 1:]}"] = shape[1:]
-    return flat
 
 
 # ---- export ----

@@ -29,11 +29,10 @@ from vllama_jax.convert.checkpoint import (
     plan_import,
     save_hf_llama,
     save_original,
-    unscanned_shapes,
     write_import,
 )
 from vllama_jax.convert.mapping import ConversionError, flatten, unflatten, unstack_numbered
-from vllama_jax.convert.video_llama import UNUSED_KEYS, scanned_subtrees, video_llama_rules
+from vllama_jax.convert.video_llama import UNUSED_KEYS, scanned_subtrees, unscanned_shapes, video_llama_rules
 from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama
 
 AUDIO_KEYS = (r"audio_.*",)

@@ -10,12 +10,20 @@ array is one stacked weight), and prints the child's peak RSS, the same CLI's RS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from vllama_jax.convert.llama import llama_rules
+from vllama_jax.convert.mapping import torch_shape
+from vllama_jax.convert.video_llama import unscanned_shapes
+from vllama_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 CONFIG = '''
 import importlib.util
@@ -31,16 +39,16 @@ def get_config(arg=""):
 '''
 
 
-def llama_shapes(vocab: int, hidden: int, mlp: int, layers: int) -> dict[str, tuple[int, ...]]:
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
-                       p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (mlp, hidden), p + "mlp.up_proj.weight": (mlp, hidden),
-                       p + "mlp.down_proj.weight": (hidden, mlp), p + "input_layernorm.weight": (hidden,),
-                       p + "post_attention_layernorm.weight": (hidden,)})
-    return shapes
+def llama_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face Llama state-dict shapes for `config`, from the conversion rules and our parameter shapes."""
+    config = dataclasses.replace(config, scan_layers=False)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    ours = unscanned_shapes(jax.eval_shape(lambda: LlamaForCausalLM(config).init(jax.random.PRNGKey(0), ids)["params"]), [])
+    return {rule.source: torch_shape(rule.transform, ours[rule.target]) for rule in llama_rules(config)}
+
+
+def _bytes(shapes: dict) -> int:
+    return sum(int(np.prod(shape)) * 2 for shape in shapes.values())  # float16
 
 
 def tensor_values(key: str, shape) -> np.ndarray:
@@ -90,11 +98,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     hidden, mlp, vocab = 2048, 5632, 32000
-    per_layer = (4 * hidden * hidden + 3 * mlp * hidden + 2 * hidden) * 2
-    layers = max(1, round((args.gigabytes * 2**30 - 2 * vocab * hidden * 2) / per_layer))
-    llm = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_layers=layers, num_heads=16,
-               num_kv_heads=16, scan_layers=True, dtype="float32", param_dtype="float16")
-    shapes = llama_shapes(vocab, hidden, mlp, layers)
+    llm = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_heads=16, num_kv_heads=16,
+               scan_layers=True, dtype="float32", param_dtype="float16")
+    one, two = (_bytes(llama_shapes(LlamaConfig(**llm, num_layers=n))) for n in (1, 2))
+    layers = max(1, round((args.gigabytes * 2**30 - (2 * one - two)) / (two - one)))
+    llm["num_layers"] = layers
+    shapes = llama_shapes(LlamaConfig(**llm))
     sizes = write_llama(workdir / "llama", shapes, int(args.shard_megabytes * 2**20), dict(llm))
     config = workdir / "config.py"
     repo_config = Path(__file__).resolve().parents[2] / "configs" / "video_llama.py"

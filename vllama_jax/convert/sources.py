@@ -79,40 +79,40 @@ def _read_pth(path: Path) -> dict[str, Tensor]:
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    """A `.safetensors` file: shapes and dtypes from its JSON header; each tensor read on its own when loaded."""
+    """A `.safetensors` file: shapes and dtypes from its JSON header, read once; each tensor read on its own
+    when loaded."""
     try:
-        header = _safetensors_header(path)
+        data_start, header = _safetensors_header(path)
         dtypes = {k: _SAFETENSORS_DTYPES[v["dtype"]] for k, v in header.items()}
     except Exception as err:  # noqa: BLE001 - any header problem means the file is unusable
         raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
     size = path.stat().st_size
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + int.from_bytes(path.open("rb").read(8), "little") + end > size:
+    if data_start + end > size:
         raise ValueError(f"{path}: truncated (the header describes {end} data bytes, the file is {size} bytes)")
-    return {k: Tensor(tuple(v["shape"]), dtypes[k], str(path), k, lambda k=k: _safetensors_tensor(path, k))
+    return {k: Tensor(tuple(v["shape"]), dtypes[k], str(path), k,
+                      lambda k=k, v=v: _safetensors_tensor(path, k, data_start + v["data_offsets"][0],
+                                                           data_start + v["data_offsets"][1], dtypes[k]).reshape(v["shape"]))
             for k, v in header.items()}
 
 
-def _safetensors_header(path: Path) -> dict:
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, {key: {dtype, shape, data_offsets}})."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
     header.pop("__metadata__", None)
-    return header
+    return 8 + size, header
 
 
-def _safetensors_tensor(path: Path, key: str) -> np.ndarray:
-    """One tensor, read straight into its array (one copy in memory, no intermediate bytes object)."""
-    header = _safetensors_header(path)
-    info = header[key]
-    begin, end = info["data_offsets"]
+def _safetensors_tensor(path: Path, key: str, begin: int, end: int, dtype: np.dtype) -> np.ndarray:
+    """Bytes [begin, end) of the file, read straight into a flat array (one copy, no intermediate bytes)."""
     out = np.empty(end - begin, np.uint8)
     with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        f.seek(8 + size + begin)
+        f.seek(begin)
         if f.readinto(out) != end - begin:
             raise ValueError(f"{path}: {key} is truncated")
-    return out.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out.view(dtype)
 
 
 def _safetensors_dtypes() -> dict[str, np.dtype]:

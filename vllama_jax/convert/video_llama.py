@@ -76,9 +76,7 @@ def load_state_dict(
     Raises ConversionError naming every missing, unexpected or mis-shaped key before returning anything.
     """
     scanned = list(scanned)
-    flat_shapes = {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract_params)).items()}
-    for path, count in scanned:
-        flat_shapes = _unstack_shapes(flat_shapes, path, count)
+    flat_shapes = unscanned_shapes(abstract_params, scanned)
     flat = torch_to_flat_params(state_dict, rules, flat_shapes, source_name=source_name, ignore=ignore)
     for path, count in scanned:
         flat = stack_numbered(flat, path, count)
@@ -91,6 +89,14 @@ def export_state_dict(params: Any, rules: list[Rule], scanned: Iterable[str] = (
     for path in scanned:
         flat = unstack_numbered(flat, path)
     return flat_params_to_torch(flat, rules)
+
+
+def unscanned_shapes(abstract_params: Any, scanned: Iterable[tuple[str, int]]) -> dict[str, tuple[int, ...]]:
+    """Flat parameter shapes of a (possibly boxed) tree, every scanned stack split into its numbered layers."""
+    flat_shapes = {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract_params)).items()}
+    for path, count in scanned:
+        flat_shapes = _unstack_shapes(flat_shapes, path, count)
+    return flat_shapes
 
 
 def _unstack_shapes(flat_shapes: dict, path: str, count: int) -> dict:
