@@ -59,16 +59,17 @@ class QFormerAttention(nn.Module):
     def __call__(self, x, context, context_mask):
         cfg = self.config
         kw = layers.dtypes(cfg)
+        dense_kw = {**kw, "kernel_init": layers.normal(cfg.initializer_range)}
         heads = (cfg.num_heads, cfg.head_dim)
         # Cross-attention keys/values read the encoder width; name that axis apart so it can shard differently.
         context_axis = "encoder_embed" if self.is_cross_attention else "embed"
-        q = layers.dense(heads, ("embed", "heads", "kv"), name="query", kernel_init=layers.normal(cfg.initializer_range), **kw)(x)
-        k = layers.dense(heads, (context_axis, "heads", "kv"), name="key", kernel_init=layers.normal(cfg.initializer_range), **kw)(context)
-        v = layers.dense(heads, (context_axis, "heads", "kv"), name="value", kernel_init=layers.normal(cfg.initializer_range), **kw)(context)
+        q = layers.dense(heads, ("embed", "heads", "kv"), name="query", **dense_kw)(x)
+        k = layers.dense(heads, (context_axis, "heads", "kv"), name="key", **dense_kw)(context)
+        v = layers.dense(heads, (context_axis, "heads", "kv"), name="value", **dense_kw)(context)
         drop = nn.Dropout(cfg.attention_dropout, deterministic=self.deterministic)
         allowed = None if context_mask is None else context_mask[:, None, None, :].astype(bool)
         out = layers.attention(q, k, v, allowed, dropout=drop)
-        out = layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", num_in=2, kernel_init=layers.normal(cfg.initializer_range), **kw)(out)
+        out = layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", num_in=2, **dense_kw)(out)
         out = nn.Dropout(cfg.hidden_dropout, deterministic=self.deterministic)(out)
         return layers.layer_norm(cfg.layer_norm_eps, name="output_layernorm", **kw)(out + x)
 
@@ -82,14 +83,15 @@ class QFormerLayer(nn.Module):
     def __call__(self, x, encoder_states, encoder_mask):
         cfg = self.config
         kw = layers.dtypes(cfg)
+        dense_kw = {**kw, "kernel_init": layers.normal(cfg.initializer_range)}
         x = QFormerAttention(cfg, False, self.deterministic, name="attention")(x, x, None)
         if self.has_cross_attention:
             x = QFormerAttention(cfg, True, self.deterministic, name="crossattention")(
                 x, encoder_states.astype(x.dtype), encoder_mask
             )
-        h = layers.dense(cfg.intermediate_size, ("embed", "mlp"), name="intermediate_query", kernel_init=layers.normal(cfg.initializer_range), **kw)(x)
+        h = layers.dense(cfg.intermediate_size, ("embed", "mlp"), name="intermediate_query", **dense_kw)(x)
         h = nn.gelu(h, approximate=False)
-        h = layers.dense(cfg.hidden_size, ("mlp", "embed"), name="output_query", kernel_init=layers.normal(cfg.initializer_range), **kw)(h)
+        h = layers.dense(cfg.hidden_size, ("mlp", "embed"), name="output_query", **dense_kw)(h)
         h = nn.Dropout(cfg.hidden_dropout, deterministic=self.deterministic)(h)
         return layers.layer_norm(cfg.layer_norm_eps, name="output_query_layernorm", **kw)(h + x)
 
