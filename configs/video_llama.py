@@ -1,11 +1,12 @@
-"""Video-LLaMA visual branch: model sizes, precision, training recipe, mesh and the tiny default's settings.
+"""Video-LLaMA: model sizes, precision, training recipe, mesh and the tiny default's settings.
 
     --config configs/video_llama.py:llama2_7b_chat      (or vicuna_7b, vicuna_13b, llama2_13b_chat, tiny)
-    --config configs/video_llama.py:llama2_7b_chat,vision_stage2     (the instruction-tuning recipe)
+    --config configs/video_llama.py:llama2_7b_chat,vision_stage2     (the visual instruction-tuning recipe)
+    --config configs/video_llama.py:llama2_7b_chat,audio_stage1      (or audio_stage2: the audio branch's recipes)
     --config.model.llm.num_layers=2                      (any field can be overridden on the command line)
 
-Tower sizes (EVA ViT-g, BLIP-2 Q-Former, video Q-Former) are the model dataclasses' defaults, so each size is
-written once, in the model file; this file picks the LLM and the precision.
+Tower sizes (EVA ViT-g, BLIP-2 Q-Former, video / audio Q-Formers, ImageBind) are the model dataclasses'
+defaults, so each size is written once, in the model files; this file picks the LLM and the precision.
 """
 import dataclasses
 
@@ -40,6 +41,12 @@ TINY = dict(
     num_video_query_tokens=4,
     max_frame_pos=8,
     llm=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5),
+    # the audio branch (built when equip_audio_branch, as in the audio recipes): ImageBind towers at full input
+    # size for audio (128 × 204 fbank) and at the tiny frame size for vision, 48-d joint space
+    imagebind_audio=dict(width=32, num_layers=2, num_heads=4, mlp_dim=128, out_dim=48),
+    imagebind_vision=dict(input_size=(28, 28), width=32, num_layers=2, num_heads=4, mlp_dim=128, out_dim=48),
+    audio_qformer=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=48, cross_attention_freq=1),
+    num_audio_query_tokens=4,
 )
 
 
@@ -54,7 +61,7 @@ def _model(arg: str) -> dict:
     full["llm"] = dataclasses.asdict(LlamaConfig(**LLMS[arg]))
     # Frozen towers in bfloat16 (the original runs the ViT and LLaMA in fp16); the trainable video Q-Former,
     # query tokens, position embedding and llama_proj stay float32.
-    for tower in ("vision", "qformer", "llm"):
+    for tower in ("vision", "qformer", "llm", "imagebind_audio", "imagebind_vision"):
         full[tower].update(dtype="bfloat16", param_dtype="bfloat16", scan_layers=True)
     full["vision"]["remat_policy"] = "none"
     full["llm"]["remat_policy"] = "dots_no_batch"
@@ -63,12 +70,18 @@ def _model(arg: str) -> dict:
 
 # The original recipes (SPEC §8; LAVIS linear_warmup_cosine_lr, AdamW, weight decay 0.05), per-device-independent:
 # `batch` is the global batch. Stage 2 starts from a stage-1 run's trainable weights (train.init_trainable).
+# branch: which glue trains ("visual": video Q-Former & co., "audio": audio Q-Former & co.). The audio stages
+# read no audio: audio_source "frames" sends the video frames through ImageBind's vision tower (SPEC §4).
 RECIPES = {
     "vision_stage1": dict(batch=32, init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=2500, iters_per_epoch=2500,
-                          max_epoch=5, max_txt_len=32, end_sym="\n", frame_sampling="uniform"),
+                          max_epoch=5, max_txt_len=32, end_sym="\n", frame_sampling="uniform", branch="visual"),
     # cc_sbu_align + LLaVA-Instruct-150K + VideoChat-11K: point data.shards at the three vllama-prepare folders
     "vision_stage2": dict(batch=4, init_lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=1000, iters_per_epoch=1000,
-                          max_epoch=3, max_txt_len=320, end_sym="###", frame_sampling="uniform"),
+                          max_epoch=3, max_txt_len=320, end_sym="###", frame_sampling="uniform", branch="visual"),
+    "audio_stage1": dict(batch=32, init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000, iters_per_epoch=5000,
+                         max_epoch=5, max_txt_len=32, end_sym="\n", frame_sampling="uniform", branch="audio"),
+    "audio_stage2": dict(batch=4, init_lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=400, iters_per_epoch=1000,
+                         max_epoch=3, max_txt_len=512, end_sym="###", frame_sampling="uniform", branch="audio"),
 }
 
 
@@ -77,14 +90,15 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
     name, _, recipe_name = arg.partition(",")
     recipe_name = recipe_name or "vision_stage1"
     if recipe_name not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe_name!r}: expected one of {sorted(RECIPES)} (the audio stages come "
-                         "with the audio branch)")
+        raise ValueError(f"unknown recipe {recipe_name!r}: expected one of {sorted(RECIPES)}")
     recipe = RECIPES[recipe_name]
     config = ml_collections.ConfigDict()
     config.name = arg
     config.recipe = recipe_name
     config.seed = 42
     config.model = _model(name)
+    if recipe["branch"] == "audio":  # the audio stages need ImageBind and the audio glue; the visual branch stays
+        config.model.equip_audio_branch = True
     config.data = dict(
         num_frames=8,
         frame_sampling=recipe["frame_sampling"],
@@ -96,6 +110,10 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
         eval_shards="",  # held-out shards, captioned greedily at the end of training (eval.json)
         synthetic_clips=0,
         synthetic_eval_clips=0,
+        # what the audio branch reads: "frames" (ImageBind's vision tower on the video frames, the paper's audio
+        # stages) or "fbank" (the clips' audio track, 8 two-second fbank clips, as at inference)
+        audio_source="frames",
+        clips_per_video=8,
     )
     config.eval = dict(at_end=True, batch_size=16, max_new_tokens=16, score="")
     config.batch_size = recipe["batch"]
@@ -106,7 +124,8 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
     # work directory whose newest trainable weights start this one (stage 2 from stage 1). peak_flops: per
     # device, for MFU (0 = the known-accelerator table, or measured on a CPU).
     config.train = dict(steps=recipe["max_epoch"] * recipe["iters_per_epoch"], checkpoint_every=500, keep=3,
-                        max_nonfinite=10, log_every=50, frozen_checkpoint="", init_trainable="", peak_flops=0.0)
+                        max_nonfinite=10, log_every=50, frozen_checkpoint="", init_trainable="", peak_flops=0.0,
+                        branch=recipe["branch"])
     if name == "tiny" and recipe_name == "vision_stage1":
         config.optimizer.update(init_lr=3e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50, iters_per_epoch=300, max_epoch=6)
         config.train.update(steps=1800, checkpoint_every=300, log_every=150)
@@ -115,7 +134,7 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
         # the one LLM that trains: the tiny LLaMA on the caption text, before it is frozen (tiny_default.py)
         config.llm_pretraining = dict(steps=300, batch_size=32, learning_rate=3e-3, length=40)
     elif name == "tiny":
-        config.data.update(num_frames=4, max_txt_len=160)
+        config.data.update(num_frames=4, max_txt_len=160 if recipe_name.endswith("stage2") else 16)
         config.train.update(steps=12, checkpoint_every=4, log_every=1)
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]

@@ -91,7 +91,7 @@ def test_import_runs_like_the_pytorch_model(files, imported):
     with torch.no_grad():
         _, t_logits, t_soft = torch_model(torch.from_numpy(frames).permute(0, 1, 4, 2, 3), torch.from_numpy(ids).long(),
                                           torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(labels).long())
-    assert np.abs(np.asarray(soft) - t_soft.numpy()).max() <= 1e-5
+    assert np.abs(np.asarray(soft["video"]) - t_soft.numpy()).max() <= 1e-5
     assert np.abs(np.asarray(logits) - t_logits.numpy()).max() <= 1e-5
 
 

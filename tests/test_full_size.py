@@ -41,7 +41,7 @@ def test_trainable_visual_branch_on_llama2_7b(llama2_7b):
 def test_full_forward_shapes(llama2_7b):
     cfg, model, params, frames, ids = llama2_7b
     logits, soft = jax.eval_shape(lambda p, f, i: model.apply({"params": p}, f, i), params, frames, ids)
-    assert soft.shape == (1, 32, 4096)
+    assert soft["video"].shape == (1, 32, 4096)
     assert logits.shape == (1, 64, 32000) and logits.dtype == jnp.float32
     # frozen towers are stored in bfloat16, the trainable glue in float32
     assert jax.tree_util.tree_leaves(params["llama_model"])[0].dtype == jnp.bfloat16

@@ -49,7 +49,7 @@ def test_llm_sees_soft_tokens_at_placeholders(tiny):
     logits, soft = model.apply({"params": params}, frames, ids)
     # the same logits from the LLM alone, fed the spliced embeddings by hand
     embeds = np.array(model.apply({"params": params}, jnp.where(ids == IMAGE_ID, 0, ids), method=lambda m, i: m.llama_model.embed(i)))
-    embeds[:, 1:5] = np.asarray(soft)
+    embeds[:, 1:5] = np.asarray(soft["video"])
     direct = model.apply({"params": params}, embeds, method=lambda m, e: m.llama_model(inputs_embeds=e))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(direct), atol=1e-6)
     # causal: other soft tokens change every position from the first soft token on, and nothing before it
@@ -104,7 +104,7 @@ def test_bfloat16_compute_with_float32_params(tiny):
     model = VideoLlama(dataclasses.replace(cfg, **bf))
     logits, soft = jax.jit(model.apply)({"params": params}, frames, ids)
     ref, _ = jax.jit(VideoLlama(cfg).apply)({"params": params}, frames, ids)
-    assert logits.dtype == jnp.float32 and soft.dtype == jnp.float32
+    assert logits.dtype == jnp.float32 and soft["video"].dtype == jnp.float32
     err = float(jnp.abs(logits - ref).max())
     assert 0 < err < 0.1, err  # bf16 rounding shows, but the result is the same model
     half = dataclasses.replace(cfg.llm, param_dtype="bfloat16", dtype="bfloat16")

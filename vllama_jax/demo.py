@@ -88,7 +88,7 @@ def run(config, workdir: Path, video_path: str | None, caption: str) -> dict:
     def forward(params, batch):
         logits, soft_tokens = model.apply({"params": params}, batch["frames"], batch["input_ids"], batch["padding_mask"])
         loss, count = causal_lm_loss(logits, batch["labels"])
-        return soft_tokens, loss, count
+        return soft_tokens["video"], loss, count
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         start = time.perf_counter()

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import type_handlers
 
 from vllama_jax.convert import sources as src
-from vllama_jax.convert.mapping import ConversionError, Rule, _to_ours, torch_shape, unflatten
+from vllama_jax.convert.mapping import SPLITS, ConversionError, Rule, _to_ours, torch_shape, unflatten
 
 
 class LazyArray:
@@ -80,9 +80,9 @@ class Piece:
 def target_index(rules: Iterable[Rule]) -> dict[str, Piece]:
     out = {}
     for rule in rules:
-        if rule.transform == "split3":
+        if rule.transform in SPLITS:
             for j, target in enumerate(rule.targets):
-                out[target] = Piece(rule.source, "linear", j)
+                out[target] = Piece(rule.source, SPLITS[rule.transform], j)
         else:
             out[rule.target] = Piece(rule.source, rule.transform)
     return out
@@ -250,7 +250,7 @@ def torch_tensors(state_dict: dict[str, np.ndarray]) -> dict:
 
     out = {}
     for key, array in state_dict.items():
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")
         if array.dtype == ml_dtypes.bfloat16:
             out[key] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         else:

@@ -33,18 +33,15 @@ from vllama_jax.convert.checkpoint import (
 )
 from vllama_jax.convert.mapping import ConversionError, flatten, unflatten, unstack_numbered
 from vllama_jax.convert.video_llama import UNUSED_KEYS, scanned_subtrees, unscanned_shapes, video_llama_rules
-from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama
+from vllama_jax.models.video_llama import AUDIO_TRAINABLE, VISUAL_TRAINABLE, VideoLlama, init_params
 
 AUDIO_KEYS = (r"audio_.*",)
+TRAINABLE_NAMES = VISUAL_TRAINABLE + AUDIO_TRAINABLE  # what the original's `ckpt` / `ckpt_2` files hold
 
 
 def abstract_params(model_cfg):
     """The model's parameter shapes and dtypes, without allocating them."""
-    size = model_cfg.vision.image_size
-    frames = jax.ShapeDtypeStruct((1, 1, size, size, 3), np.float32)
-    ids = jax.ShapeDtypeStruct((1, 1 + model_cfg.num_video_query_tokens), np.int32)
-    boxed = jax.eval_shape(lambda f, i: VideoLlama(model_cfg).init(jax.random.PRNGKey(0), f, i)["params"], frames, ids)
-    return nn.unbox(boxed)
+    return nn.unbox(jax.eval_shape(lambda: init_params(VideoLlama(model_cfg), jax.random.PRNGKey(0))))
 
 
 def summary_table(tree: dict, origin: dict[str, str] | None = None) -> list[str]:
@@ -67,7 +64,7 @@ def summary_table(tree: dict, origin: dict[str, str] | None = None) -> list[str]
 
 def part_filter(part: str):
     """all | frozen | trainable | a comma-separated list of top-level names (e.g. llama_model)."""
-    trainable = lambda path: path.split("/")[0] in VISUAL_TRAINABLE  # noqa: E731
+    trainable = lambda path: path.split("/")[0] in TRAINABLE_NAMES  # noqa: E731
     named = {"all": lambda path: True, "trainable": trainable, "frozen": lambda path: not trainable(path)}
     if part in named:
         return named[part]
@@ -137,7 +134,7 @@ def run_export(args) -> int:
     model_cfg = model_config(config)
     params = read_params(args.params)
     if args.trainable_only:
-        params = {k: v for k, v in params.items() if k in VISUAL_TRAINABLE}
+        params = {k: v for k, v in params.items() if k in TRAINABLE_NAMES}
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}
     for subtree, _ in scanned_subtrees(model_cfg):
         if any(k.startswith(subtree + "/") for k in flat):
@@ -168,7 +165,7 @@ def main(argv=None) -> int:
     imp.add_argument("--part", default="all", help="all | frozen | trainable | top-level names, comma-separated (e.g. llama_model)")
     imp.add_argument("--dtype", default=None, help="cast every array (e.g. bfloat16); default: keep each source's dtype")
     imp.add_argument("--dry-run", action="store_true", help="check everything and print the table; write nothing")
-    imp.add_argument("--drop-audio", action="store_true", help="drop audio-branch keys (audio_*) instead of refusing them")
+    imp.add_argument("--drop-audio", action="store_true", help="drop audio-branch keys (audio_*) instead of refusing them, for a config without the audio branch")
     exp = commands.add_parser("export", help="orbax parameters -> the original .pth or a HF Llama folder")
     exp.add_argument("--config", required=True)
     exp.add_argument("--params", action="append", required=True, help="a parameter checkpoint or a run directory (repeat; later wins)")

@@ -21,9 +21,11 @@ import numpy as np
 #   bias     (H*D,) <-> (H, D) or any reshape of a 1-D vector
 #   linear   torch (out, in) <-> ours (in, *out_dims): transpose, then reshape the output dims
 #   linear2  torch (out, H*D) <-> ours (H, D, out): transpose, then reshape the two input dims
-#   conv     torch (O, I, kh, kw) <-> ours (kh, kw, I, O)
+#   conv     torch (O, I, *kernel) <-> ours (*kernel, I, O), 2-D or 3-D kernels
 #   split3   torch (3*out, in) packed q/k/v <-> three `linear` targets
-TRANSFORMS = ("same", "bias", "linear", "linear2", "conv", "split3")
+#   split3_bias  torch (3*out,) packed q/k/v biases <-> three `bias` targets
+TRANSFORMS = ("same", "bias", "linear", "linear2", "conv", "split3", "split3_bias")
+SPLITS = {"split3": "linear", "split3_bias": "bias"}  # packed transform -> each piece's transform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +37,8 @@ class Rule:
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
             raise ValueError(f"unknown transform {self.transform!r} for {self.source}")
-        if (self.transform == "split3") != isinstance(self.target, tuple):
-            raise ValueError(f"{self.source}: only split3 takes several targets")
+        if (self.transform in SPLITS) != isinstance(self.target, tuple):
+            raise ValueError(f"{self.source}: only {'/'.join(SPLITS)} take several targets")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -75,8 +77,8 @@ def torch_shape(transform: str, ours: tuple[int, ...]) -> tuple[int, ...]:
     if transform == "linear2":
         return (math.prod(ours[2:]), ours[0] * ours[1])
     if transform == "conv":
-        kh, kw, cin, cout = ours
-        return (cout, cin, kh, kw)
+        *kernel, cin, cout = ours
+        return (cout, cin, *kernel)
     raise AssertionError(transform)
 
 
@@ -86,10 +88,10 @@ def _to_ours(array: np.ndarray, transform: str, shape: tuple[int, ...]) -> np.nd
     elif transform in ("linear", "linear2"):
         out = array.T.reshape(shape)
     elif transform == "conv":
-        out = array.transpose(2, 3, 1, 0).reshape(shape)
+        out = array.transpose(*range(2, array.ndim), 1, 0).reshape(shape)
     else:
         raise AssertionError(transform)
-    return np.ascontiguousarray(out)
+    return np.require(out, requirements="C")  # ascontiguousarray would turn a 0-d buffer into (1,)
 
 
 def _to_torch(array: np.ndarray, transform: str) -> np.ndarray:
@@ -102,7 +104,8 @@ def _to_torch(array: np.ndarray, transform: str) -> np.ndarray:
     if transform == "linear2":
         return np.ascontiguousarray(array.reshape(array.shape[0] * array.shape[1], -1).T)
     if transform == "conv":
-        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+        n = array.ndim
+        return np.ascontiguousarray(array.transpose(n - 1, n - 2, *range(n - 2)))
     raise AssertionError(transform)
 
 
@@ -134,11 +137,12 @@ def torch_to_flat_params(
             continue
         used.add(rule.source)
         array = to_numpy(state_dict[rule.source])
-        if rule.transform == "split3":
+        if rule.transform in SPLITS:
             if array.shape[0] % 3:
                 problems.append(f"{rule.source}: packed q/k/v of shape {array.shape} is not divisible by 3")
                 continue
-            pieces = [(t, part, "linear") for t, part in zip(rule.targets, np.split(array, 3, axis=0))]
+            piece = SPLITS[rule.transform]
+            pieces = [(t, part, piece) for t, part in zip(rule.targets, np.split(array, 3, axis=0))]
         else:
             pieces = [(rule.target, array, rule.transform)]
         for target, part, transform in pieces:
@@ -169,8 +173,9 @@ def flat_params_to_torch(flat_params: Mapping[str, Any], rules: list[Rule]) -> d
         missing = [t for t in rule.targets if t not in flat_params]
         if missing:
             raise ConversionError(f"no parameter {missing[0]!r} for key {rule.source!r}")
-        if rule.transform == "split3":
-            out[rule.source] = np.concatenate([_to_torch(np.asarray(flat_params[t]), "linear") for t in rule.targets])
+        if rule.transform in SPLITS:
+            piece = SPLITS[rule.transform]
+            out[rule.source] = np.concatenate([_to_torch(np.asarray(flat_params[t]), piece) for t in rule.targets])
         else:
             out[rule.source] = _to_torch(np.asarray(flat_params[rule.target]), rule.transform)
     return out

@@ -10,7 +10,9 @@ Recognised (by content, not by file name):
   `llama_model.`, `video_Qformer.`, `audio_…`);
 - `eva_vit_g.pth`: the bare EVA ViT-g state dict (`cls_token`, `blocks.N.…`), imported under `visual_encoder.`;
 - a Hugging Face Llama directory: `config.json` with `*.safetensors` or `pytorch_model*.bin` (sharded with an
-  index file, or one file), imported under `llama_model.`.
+  index file, or one file), imported under `llama_model.`;
+- `imagebind_huge.pth`: the bare ImageBind state dict (`modality_preprocessors.…`, `modality_trunks.…`),
+  imported under `audio_encoder.` (its text, depth, thermal and IMU modalities are dropped on purpose).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ DROPPED = {
     # which skips whatever the file holds beyond that
     "eva_vit": (r"visual_encoder\.blocks\.(39|[4-9]\d)\..*", r"visual_encoder\.(norm|fc_norm|head)\..*"),
     "hf_llama": (),
+    "imagebind": (),  # the unused modalities are in the model-wide UNUSED_KEYS (convert/imagebind.py)
 }
 
 
@@ -132,7 +135,7 @@ class Source:
     grouped by the file that holds them (a converter reads one group at a time)."""
 
     path: Path
-    kind: str  # "original" | "eva_vit" | "hf_llama"
+    kind: str  # "original" | "eva_vit" | "hf_llama" | "imagebind"
     files: dict[str, dict[str, Tensor]]  # file -> {Video-LLaMA key: Tensor}
 
     @property
@@ -177,7 +180,7 @@ def open_source(path: str | Path) -> Source:
     if any(k.startswith(("model.layers.", "model.embed_tokens")) for k in raw):
         return Source(path, "hf_llama", {str(path): {f"llama_model.{k}": t for k, t in raw.items()}})
     if any(k.startswith(("modality_preprocessors.", "modality_trunks.")) for k in raw):
-        raise ValueError(f"{path}: an ImageBind checkpoint; the audio branch that reads it is not built yet")
+        return Source(path, "imagebind", {str(path): {f"audio_encoder.{k}": t for k, t in raw.items()}})
     sample = ", ".join(sorted(raw)[:5])
     raise ValueError(f"{path}: unrecognised checkpoint layout (first keys: {sample})")
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 import flax.linen as nn
 import numpy as np
 
-from vllama_jax.convert import eva_vit, llama, qformer
+from vllama_jax.convert import eva_vit, imagebind, llama, qformer
 from vllama_jax.convert.mapping import (
     ConversionError,
     Rule,
@@ -24,17 +24,19 @@ from vllama_jax.convert.mapping import (
 )
 from vllama_jax.models.video_llama import VideoLlamaConfig
 
-# Keys a full Video-LLaMA / BLIP-2 state dict carries that the visual branch does not use, on purpose.
+# Keys a full Video-LLaMA / BLIP-2 state dict carries that the model does not use, on purpose.
 UNUSED_KEYS = (
     *(f"Qformer\\.{k}" for k in qformer.UNUSED_KEYS),
     *(f"video_Qformer\\.{k}" for k in qformer.UNUSED_KEYS),
+    *(f"audio_Qformer\\.{k}" for k in qformer.UNUSED_KEYS),
+    *(f"audio_encoder\\.{k}" for k in imagebind.UNUSED_KEYS),
     *(f"llama_model\\.{k}" for k in llama.UNUSED_KEYS),
 )
 
 
 def video_llama_rules(config: VideoLlamaConfig) -> list[Rule]:
-    """Every parameter of the visual-branch model, by its original Video-LLaMA key."""
-    return [
+    """Every parameter of the model (the audio branch too when the config equips it), by its original key."""
+    rules = [
         *prefixed(eva_vit.vit_rules(config.vision), "visual_encoder.", "visual_encoder"),
         *eva_vit.ln_vision_rules(),
         *prefixed(qformer.qformer_rules(config.qformer), "Qformer.", "Qformer"),
@@ -46,6 +48,16 @@ def video_llama_rules(config: VideoLlamaConfig) -> list[Rule]:
         Rule("llama_proj.bias", "llama_proj/bias"),
         *prefixed(llama.llama_rules(config.llm), "llama_model.", "llama_model"),
     ]
+    if config.equip_audio_branch:
+        rules += [
+            *prefixed(imagebind.imagebind_rules(config.imagebind_audio, config.imagebind_vision), "audio_encoder.", "audio_encoder"),
+            Rule("audio_position_embedding.weight", "audio_position_embedding/embedding"),
+            *prefixed(qformer.qformer_rules(config.audio_qformer), "audio_Qformer.", "audio_Qformer"),
+            Rule("audio_query_tokens", "audio_query_tokens"),
+            Rule("audio_llama_proj.weight", "audio_llama_proj/kernel", "linear"),
+            Rule("audio_llama_proj.bias", "audio_llama_proj/bias"),
+        ]
+    return rules
 
 
 def scanned_subtrees(config: VideoLlamaConfig) -> list[tuple[str, int]]:
@@ -59,6 +71,12 @@ def scanned_subtrees(config: VideoLlamaConfig) -> list[tuple[str, int]]:
         out.append((f"video_Qformer/{qformer.SCANNED}", config.video_qformer.num_groups))
     if config.llm.scan_layers:
         out.append((f"llama_model/{llama.SCANNED}", config.llm.num_layers))
+    if config.equip_audio_branch:
+        for tower in (config.imagebind_audio, config.imagebind_vision):
+            if tower.scan_layers:
+                out.append((f"audio_encoder/{tower.modality}/{imagebind.SCANNED}", tower.num_layers))
+        if config.audio_qformer.scan_layers:
+            out.append((f"audio_Qformer/{qformer.SCANNED}", config.audio_qformer.num_groups))
     return out
 
 

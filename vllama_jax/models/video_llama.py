@@ -1,12 +1,18 @@
-"""Video-LLaMA's visual branch around a frozen LLM.
+"""Video-LLaMA: a visual and an audio branch around a frozen LLM.
 
-frames (B, T, H, W, 3) → EVA ViT → ln_vision → BLIP-2 Q-Former (32 queries per frame) → + frame position
+visual: frames (B, T, H, W, 3) → EVA ViT → ln_vision → BLIP-2 Q-Former (32 queries per frame) → + frame position
 embedding (row t added to all queries of frame t) → (B, T·32, 768) → video Q-Former (32 queries) → llama_proj
 → (B, 32, LLM hidden) soft tokens, spliced into the LLM input where the prompt holds `<ImageHere>` tokens.
 
+audio (when `equip_audio_branch`): S clips' fbank (B, S, 128, 204) → ImageBind audio tower → 1024-d embeddings
+(B, S, 1024) → + audio position embedding → audio Q-Former (8 queries) → audio_llama_proj → (B, 8, LLM hidden)
+soft tokens at the `<AudioHere>` tokens. The audio stages train this branch without audio: frames go through
+ImageBind's *vision* tower into the same position embedding and Q-Former (`audio_modality="vision"`).
+
 Submodule names are the original's top-level prefixes (`visual_encoder`, `ln_vision`, `Qformer`, `query_tokens`,
-`video_frame_position_embedding`, `video_Qformer`, `video_query_tokens`, `llama_proj`, `llama_model`) so a user
-finds a checkpoint key's parameter by its first component.
+`video_frame_position_embedding`, `video_Qformer`, `video_query_tokens`, `llama_proj`, `llama_model`,
+`audio_encoder`, `audio_position_embedding`, `audio_Qformer`, `audio_query_tokens`, `audio_llama_proj`) so a
+user finds a checkpoint key's parameter by its first component.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 from vllama_jax.constants import IGNORE_INDEX
 from vllama_jax.models import layers
 from vllama_jax.models.eva_vit import EvaVisionTransformer, EvaVitConfig, ln_vision
+from vllama_jax.models.imagebind import AUDIO_HUGE, VISION_HUGE, ImageBindEncoder, ImageBindTowerConfig
 from vllama_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vllama_jax.models.qformer import QFormer, QFormerConfig
 
@@ -38,31 +45,43 @@ class VideoLlamaConfig:
     # Id of `<ImageHere>` in the tokenizer. It lies past the LLM vocabulary (32000 for LLaMA), so it is never
     # looked up in the embedding table: its positions receive soft tokens instead.
     image_token_id: int = 32000
-    # dtype of the trainable glue (position embedding, query tokens, llama_proj).
+    # the audio branch (the original's `equip_audio_branch`): ImageBind's audio and vision towers (frozen), then
+    # the trainable audio glue. `<AudioHere>` is the token after `<ImageHere>` in Video-LLaMA's tokenizer.
+    equip_audio_branch: bool = False
+    imagebind_audio: ImageBindTowerConfig = AUDIO_HUGE
+    imagebind_vision: ImageBindTowerConfig = VISION_HUGE
+    audio_qformer: QFormerConfig = QFormerConfig(num_layers=2, encoder_width=1024, cross_attention_freq=1)
+    num_audio_query_tokens: int = 8
+    max_audio_pos: int = 8
+    audio_token_id: int = 32001
+    # dtype of the trainable glue (position embeddings, query tokens, projections).
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     @classmethod
     def from_dict(cls, d: dict) -> "VideoLlamaConfig":
-        nested = {"vision": EvaVitConfig, "qformer": QFormerConfig, "video_qformer": QFormerConfig, "llm": LlamaConfig}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        """Nested dicts override the field's default (so `imagebind_vision=dict(width=32)` keeps the vision layout)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown:
-            raise ValueError(f"unknown Video-LLaMA model config keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"unknown Video-LLaMA model config keys {sorted(unknown)}; known: {sorted(fields)}")
         kwargs = {}
         for key, value in d.items():
-            if key in nested:
-                fields = {f.name for f in dataclasses.fields(nested[key])}
-                bad = set(value) - fields
+            default = fields[key].default
+            if dataclasses.is_dataclass(default):
+                known = {f.name for f in dataclasses.fields(default)}
+                bad = set(value) - known
                 if bad:
-                    raise ValueError(f"unknown keys {sorted(bad)} in model.{key}; known: {sorted(fields)}")
-                value = nested[key](**value)
+                    raise ValueError(f"unknown keys {sorted(bad)} in model.{key}; known: {sorted(known)}")
+                value = dataclasses.replace(default, **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
             kwargs[key] = value
         return cls(**kwargs)
 
 
-# Top-level parameters trained in the vision stages (SPEC §3); everything else is frozen.
+# Top-level parameters trained in the vision stages (SPEC §3) and in the audio stages (§4); the rest is frozen.
 VISUAL_TRAINABLE = ("video_Qformer", "video_query_tokens", "video_frame_position_embedding", "llama_proj")
+AUDIO_TRAINABLE = ("audio_Qformer", "audio_query_tokens", "audio_position_embedding", "audio_llama_proj")
+TRAINABLE = {"visual": VISUAL_TRAINABLE, "audio": AUDIO_TRAINABLE, "audio_visual": VISUAL_TRAINABLE + AUDIO_TRAINABLE}
 
 
 def count_params(params: Any, subtrees: tuple[str, ...] | None = None) -> int:
@@ -121,6 +140,43 @@ class VideoLlama(nn.Module):
             bias_init=layers.torch_linear_uniform(fan_in),
         )
         self.llama_model = LlamaForCausalLM(cfg.llm)
+        if cfg.equip_audio_branch:
+            self._setup_audio_branch(dtype, param_dtype)
+
+    def _setup_audio_branch(self, dtype, param_dtype):
+        cfg = self.config
+        embed_dim = cfg.imagebind_audio.out_dim
+        if cfg.imagebind_vision.out_dim != embed_dim or cfg.audio_qformer.encoder_width != embed_dim:
+            raise ValueError(
+                f"the audio Q-Former reads ImageBind's joint embedding: imagebind_audio.out_dim "
+                f"({embed_dim}), imagebind_vision.out_dim ({cfg.imagebind_vision.out_dim}) and "
+                f"audio_qformer.encoder_width ({cfg.audio_qformer.encoder_width}) must agree"
+            )
+        self.audio_encoder = ImageBindEncoder(cfg.imagebind_audio, cfg.imagebind_vision)
+        self.audio_position_embedding = nn.Embed(
+            cfg.max_audio_pos,
+            embed_dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=layers.param_init(jax.nn.initializers.normal(1.0), (None, "embed")),
+        )
+        self.audio_Qformer = QFormer(cfg.audio_qformer)
+        self.audio_query_tokens = self.param(
+            "audio_query_tokens",
+            layers.param_init(layers.normal(), (None, None, "embed")),
+            (1, cfg.num_audio_query_tokens, cfg.audio_qformer.hidden_size),
+            param_dtype,
+        )
+        fan_in = cfg.audio_qformer.hidden_size
+        self.audio_llama_proj = layers.dense(
+            cfg.llm.hidden_size,
+            ("qformer_embed", "embed"),
+            name=None,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=layers.torch_linear_uniform(fan_in),
+            bias_init=layers.torch_linear_uniform(fan_in),
+        )
 
     def encode_video(self, frames, deterministic: bool = True):
         """frames (B, T, H, W, 3), CLIP-normalised -> soft tokens (B, num_video_query_tokens, LLM hidden)."""
@@ -139,18 +195,87 @@ class VideoLlama(nn.Module):
         video_hidden = self.video_Qformer(video_query, frame_queries, deterministic=deterministic)
         return self.llama_proj(video_hidden)
 
-    def splice(self, input_ids, soft_tokens):
-        """LLM input embeddings with the k-th `<ImageHere>` of each row replaced by soft token k of that row."""
-        is_placeholder = input_ids == self.config.image_token_id
-        text_embeds = self.llama_model.embed(jnp.where(is_placeholder, 0, input_ids))
-        return splice_soft_tokens(text_embeds, is_placeholder, soft_tokens.astype(text_embeds.dtype))
+    def encode_audio(self, inputs, modality: str = "audio", deterministic: bool = True):
+        """-> audio soft tokens (B, num_audio_query_tokens, LLM hidden).
 
-    def __call__(self, frames, input_ids, padding_mask=None, deterministic: bool = True):
-        """-> (logits (B, S, vocab) float32, soft tokens (B, num_video_query_tokens, LLM hidden))."""
-        soft_tokens = self.encode_video(frames, deterministic=deterministic)
-        inputs_embeds = self.splice(input_ids, soft_tokens)
+        inputs: fbank clips (B, S, 128, 204) or, as the data pipeline and the original give them, (B, S, 1, 128, 204)
+        for modality "audio"; CLIP-normalised frames (B, S, H, W, 3) for "vision" (the audio stages' way of
+        training without audio). ImageBind is frozen but, as in the original
+        (whose train() reaches it), its audio tower's drop path is active when not deterministic.
+        """
+        cfg = self.config
+        if not cfg.equip_audio_branch:
+            raise ValueError("this model has no audio branch: set model.equip_audio_branch=True")
+        if modality == "audio" and inputs.ndim == 5:
+            inputs = inputs[:, :, 0]  # the single fbank channel
+        batch, count = inputs.shape[:2]
+        if count > cfg.max_audio_pos:
+            raise ValueError(f"{count} audio clips/frames exceed max_audio_pos={cfg.max_audio_pos}")
+        _, embeddings = self.audio_encoder(inputs, modality, deterministic=deterministic)
+        embeddings = embeddings + self.audio_position_embedding(jnp.arange(count))[None]
+        query = jnp.broadcast_to(self.audio_query_tokens, (batch, *self.audio_query_tokens.shape[1:]))
+        audio_hidden = self.audio_Qformer(query, embeddings, deterministic=deterministic)
+        return self.audio_llama_proj(audio_hidden)
+
+    def encode(self, frames=None, audio=None, audio_modality: str = "audio", deterministic: bool = True) -> dict:
+        """{"video": soft tokens, "audio": soft tokens} for whichever inputs are given."""
+        soft = {}
+        if frames is not None:
+            soft["video"] = self.encode_video(frames, deterministic=deterministic)
+        if audio is not None:
+            soft["audio"] = self.encode_audio(audio, audio_modality, deterministic=deterministic)
+        return soft
+
+    def splice(self, input_ids, soft_tokens=None, audio_soft_tokens=None):
+        """LLM input embeddings with the k-th `<ImageHere>` of each row replaced by soft token k of that row
+        (and the k-th `<AudioHere>` by audio soft token k)."""
+        cfg = self.config
+        is_image = input_ids == cfg.image_token_id
+        is_audio = input_ids == cfg.audio_token_id
+        text_embeds = self.llama_model.embed(jnp.where(is_image | is_audio, 0, input_ids))
+        if soft_tokens is not None:
+            text_embeds = splice_soft_tokens(text_embeds, is_image, soft_tokens.astype(text_embeds.dtype))
+        if audio_soft_tokens is not None:
+            text_embeds = splice_soft_tokens(text_embeds, is_audio, audio_soft_tokens.astype(text_embeds.dtype))
+        return text_embeds
+
+    def __call__(self, frames, input_ids, padding_mask=None, deterministic: bool = True, *, audio=None,
+                 audio_modality: str = "audio"):
+        """-> (logits (B, S, vocab) float32, {"video": soft tokens, "audio": soft tokens} for the branches run).
+
+        frames (or None) feed the visual branch; audio (or None) the audio branch, read as `audio_modality`.
+        """
+        soft = self.encode(frames, audio, audio_modality, deterministic=deterministic)
+        inputs_embeds = self.splice(input_ids, soft.get("video"), soft.get("audio"))
         logits = self.llama_model(inputs_embeds=inputs_embeds, padding_mask=padding_mask)
-        return logits, soft_tokens
+        return logits, soft
+
+    def initialize(self, frames, input_ids, audio=None, audio_frames=None):
+        """Touch every submodule once (for `init`): the forward pass, plus ImageBind's vision tower, which only
+        the audio stages' frame input reaches."""
+        out = self(frames, input_ids, audio=audio)
+        if audio_frames is not None:
+            self.audio_encoder(audio_frames, "vision")
+        return out
+
+
+def init_inputs(config: VideoLlamaConfig, frame_size: int | None = None) -> dict:
+    """Smallest inputs for `VideoLlama.init(..., method=VideoLlama.initialize)` that reach every parameter the
+    config builds: one clip of one frame, and for the audio branch one fbank clip and one ImageBind-sized frame."""
+    size = frame_size or config.vision.image_size
+    out = {
+        "frames": jnp.zeros((1, 1, size, size, 3), jnp.float32),
+        "input_ids": jnp.zeros((1, 1 + config.num_video_query_tokens), jnp.int32),
+    }
+    if config.equip_audio_branch:
+        out["audio"] = jnp.zeros((1, 1, *config.imagebind_audio.input_size), jnp.float32)
+        out["audio_frames"] = jnp.zeros((1, 1, *config.imagebind_vision.input_size, 3), jnp.float32)
+    return out
+
+
+def init_params(model: VideoLlama, rng, frame_size: int | None = None) -> dict:
+    """Boxed parameters of every branch the config builds (under jax.eval_shape: shapes only, nothing allocated)."""
+    return model.init(rng, **init_inputs(model.config, frame_size), method=VideoLlama.initialize)["params"]
 
 
 def splice_soft_tokens(text_embeds, is_placeholder, soft_tokens):

@@ -13,18 +13,21 @@ from jax.experimental import multihost_utils
 
 from vllama_jax.constants import IGNORE_INDEX
 from vllama_jax.models.video_llama import VideoLlama
+from vllama_jax.train.step import model_inputs
 
 
-def make_greedy_generate(model: VideoLlama, prompt_length: int, max_new_tokens: int):
-    """generate(params, frames, input_ids) -> (B, max_new_tokens) greedy token ids, for prompts that fill the
-    first `prompt_length` positions of `input_ids` (placeholders included); the rest is overwritten."""
+def make_greedy_generate(model: VideoLlama, prompt_length: int, max_new_tokens: int, branch: str = "visual",
+                         audio_source: str = "frames"):
+    """generate(params, media, input_ids) -> (B, max_new_tokens) greedy token ids, for prompts that fill the
+    first `prompt_length` positions of `input_ids` (placeholders included); the rest is overwritten. `media` is
+    the batch's {"frames"} or {"audio"} array, read by `branch` as in training."""
 
-    def generate(params, frames, input_ids):
-        soft_tokens = model.apply({"params": params}, frames, method=VideoLlama.encode_video)
+    def generate(params, media, input_ids):
+        soft = model.apply({"params": params}, **model_inputs(media, branch, audio_source), method=VideoLlama.encode)
         ids = input_ids[:, : prompt_length + max_new_tokens]
 
         def next_token(t, ids):
-            embeds = model.apply({"params": params}, ids, soft_tokens, method=VideoLlama.splice)
+            embeds = model.apply({"params": params}, ids, soft.get("video"), soft.get("audio"), method=VideoLlama.splice)
             logits = model.apply({"params": params}, inputs_embeds=embeds, method=lambda m, **kw: m.llama_model(**kw))
             token = jnp.argmax(logits[:, prompt_length - 1 + t], axis=-1).astype(ids.dtype)
             return ids.at[:, prompt_length + t].set(token)
@@ -40,13 +43,15 @@ def _text_until(tokenizer, ids, stop: str) -> str:
     return text.split(stop)[0].strip() if stop else text.strip()
 
 
-def caption_dataset(generate, params, batches, tokenizer, batch_shardings, prompt_length: int, stop: str = "\n"):
+def caption_dataset(generate, params, batches, tokenizer, batch_shardings, prompt_length: int, stop: str = "\n",
+                    media_key: str = "frames"):
     """Run `generate` over every batch of a finite iterator (each process its own rows); returns
     (generated, reference) caption lists for the global batch order, identical on every process."""
     generated, reference = [], []
     for batch in batches:
-        inputs = {k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in ("frames", "input_ids")}
-        tokens = multihost_utils.process_allgather(generate(params, inputs["frames"], inputs["input_ids"]), tiled=True)
+        inputs = {k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in (media_key, "input_ids")}
+        media = {media_key: inputs[media_key]}
+        tokens = multihost_utils.process_allgather(generate(params, media, inputs["input_ids"]), tiled=True)
         labels = multihost_utils.process_allgather(jax.make_array_from_process_local_data(batch_shardings["labels"], batch["labels"]), tiled=True)
         keep = multihost_utils.process_allgather(
             jax.make_array_from_process_local_data(batch_shardings["example_mask"], batch["example_mask"]), tiled=True)

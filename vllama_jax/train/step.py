@@ -37,6 +37,30 @@ def split_params(params: dict, trainable_names: tuple[str, ...]) -> tuple[dict, 
     return trainable, frozen
 
 
+# What each training branch reads from a batch (SPEC §3, §4): the visual stages feed the frames to the visual
+# branch; the audio stages feed them through ImageBind's vision tower to the audio branch ("frames", the paper's
+# way) or feed the clips' fbank to its audio tower ("fbank").
+BRANCHES = ("visual", "audio")
+AUDIO_SOURCES = ("frames", "fbank")
+
+
+def model_inputs(batch: dict, branch: str, audio_source: str = "frames") -> dict:
+    """Keyword arguments of `VideoLlama.encode` / `__call__` for `branch`, taken from a batch."""
+    if branch == "visual":
+        return {"frames": batch["frames"]}
+    if branch != "audio" or audio_source not in AUDIO_SOURCES:
+        raise ValueError(f"branch {branch!r} / audio_source {audio_source!r}: expected {BRANCHES} / {AUDIO_SOURCES}")
+    if audio_source == "frames":
+        return {"frames": None, "audio": batch["frames"], "audio_modality": "vision"}
+    return {"frames": None, "audio": batch["audio"], "audio_modality": "audio"}
+
+
+def batch_keys(branch: str, audio_source: str = "frames") -> tuple[str, ...]:
+    """The batch arrays a train step reads."""
+    media = "audio" if branch == "audio" and audio_source == "fbank" else "frames"
+    return (media, "input_ids", "padding_mask", "labels")
+
+
 def init_state(trainable, optimizer: optax.GradientTransformation, rng) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -55,17 +79,20 @@ def _set_learning_rate(opt_state, lr):
     return opt_state._replace(hyperparams=hyper)
 
 
-def make_train_step(model: VideoLlama, optimizer: optax.GradientTransformation, cfg: OptimizerConfig) -> Callable:
+def make_train_step(model: VideoLlama, optimizer: optax.GradientTransformation, cfg: OptimizerConfig,
+                    branch: str = "visual", audio_source: str = "frames") -> Callable:
     """train_step(state, frozen, batch) -> (state, metrics). `batch` arrays lead with the global batch; with
-    grad_accum = k it is split into k micro-batches (the original's accum_grad_iters), each a LAVIS iteration."""
+    grad_accum = k it is split into k micro-batches (the original's accum_grad_iters), each a LAVIS iteration.
+    `branch` / `audio_source` say which inputs feed which branch (`model_inputs`)."""
     schedule = lavis_warmup_cosine(cfg)
     accum = cfg.grad_accum
 
     def micro_loss(trainable, frozen, micro, key):
+        inputs = model_inputs(micro, branch, audio_source)
         logits, _ = model.apply(
             {"params": {**frozen, **trainable}},
-            micro["frames"], micro["input_ids"], micro["padding_mask"],
-            deterministic=False, rngs={"dropout": key},
+            input_ids=micro["input_ids"], padding_mask=micro["padding_mask"],
+            deterministic=False, rngs={"dropout": key}, **inputs,
         )
         return causal_lm_loss(logits, micro["labels"])
 

@@ -24,7 +24,7 @@ from vllama_jax.config import model_config
 from vllama_jax.constants import IMAGE_PLACEHOLDER
 from vllama_jax.data.synthetic import MOTIONS, SHAPES, SYNTHETIC_COLORS, attribute_context, parse_caption, shapes_world
 from vllama_jax.data.tokenizer import load_tokenizer
-from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama
+from vllama_jax.models.video_llama import TRAINABLE, VideoLlama, init_params
 from vllama_jax.train.checkpoints import save_params
 from vllama_jax.train.pretrain_llm import pretrain_llm, text_examples
 from vllama_jax.train.step import split_params
@@ -72,11 +72,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, log=print) -> ml_c
                                       learning_rate=pre.learning_rate, seed=config.seed, log=log)
     # the rest of the frozen model: random towers from the seed, as the trainer would make them
     model = VideoLlama(dataclasses.replace(model_cfg, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)))
-    size = model_cfg.vision.image_size
-    frames = np.zeros((1, config.data.num_frames, size, size, 3), np.float32)
-    ids = np.zeros((1, 1 + model_cfg.num_video_query_tokens), np.int32)
-    params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(config.seed), frames, ids)["params"]))()
-    frozen = split_params(params, VISUAL_TRAINABLE)[1]
+    params = jax.jit(lambda: nn.unbox(init_params(model, jax.random.PRNGKey(config.seed))))()
+    frozen = split_params(params, TRAINABLE[config.train.branch])[1]
     frozen["llama_model"] = jax.tree_util.tree_map(lambda new, old: np.asarray(new, old.dtype), llm_params, frozen["llama_model"])
     save_params(frozen_dir, frozen)
     log(f"frozen weights written to {frozen_dir} (LLM text loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f})")

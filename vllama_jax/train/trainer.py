@@ -29,25 +29,22 @@ from vllama_jax.constants import IMAGE_PLACEHOLDER
 from vllama_jax.data.pipeline import PipelineConfig, make_dataset, reason_counts
 from vllama_jax.data.prepare import shard_paths
 from vllama_jax.data.tokenizer import load_tokenizer
-from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama
+from vllama_jax.models.video_llama import TRAINABLE, VideoLlama, init_params
 from vllama_jax.train import reporting, tiny_default
 from vllama_jax.train.checkpoints import restore_params
 from vllama_jax.train.evaluate import caption_dataset, make_greedy_generate
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
-from vllama_jax.train.step import init_state, make_train_step, split_params
-
-MODEL_INPUTS = ("frames", "input_ids", "padding_mask", "labels")
-
+from vllama_jax.train.step import batch_keys, init_state, make_train_step, split_params
 
 def _size(tree) -> tuple[int, int]:
     leaves = jax.tree_util.tree_leaves(unboxed(tree))
     return sum(int(np.prod(x.shape)) for x in leaves), sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
 
 
-def startup_summary(mesh, boxed_params, abstract_state, shardings, cost: dict, peak: tuple[float, str]) -> list[str]:
+def startup_summary(mesh, boxed_params, trainable_names, abstract_state, shardings, cost: dict, peak: tuple[float, str]) -> list[str]:
     """What a run states before its first step: devices and mesh, parameter and optimizer-state sizes (frozen /
     trainable), how the largest arrays are sharded, per-device memory and FLOPs of the compiled step."""
-    trainable, frozen = split_params(boxed_params, VISUAL_TRAINABLE)
+    trainable, frozen = split_params(boxed_params, trainable_names)
     (n_train, b_train), (n_frozen, b_frozen) = _size(trainable), _size(frozen)
     devices = jax.devices()
     lines = [
@@ -119,19 +116,27 @@ def train(config, workdir: str | Path, log=print) -> dict:
         config = tiny_default.prepare(config, workdir, log)
     shards = [path for folder in config.data.shards.split(",") for path in shard_paths(folder.strip())]
     tokenizer = load_tokenizer(config.data.tokenizer)
+    branch, audio_source = train_cfg.branch, config.data.audio_source
+    trainable_names = TRAINABLE[branch]
     model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
+    num_soft_tokens = model_cfg.num_video_query_tokens
+    if branch == "audio":  # the original's audio stages put their 8 soft tokens at <ImageHere> placeholders too
+        model_cfg = dataclasses.replace(model_cfg, audio_token_id=model_cfg.image_token_id)
+        num_soft_tokens = model_cfg.num_audio_query_tokens
     pipeline_cfg = PipelineConfig(
         batch_size=config.batch_size // jax.process_count(),
         image_size=model_cfg.vision.image_size,
         num_frames=config.data.num_frames,
         frame_sampling=config.data.frame_sampling,
-        num_soft_tokens=model_cfg.num_video_query_tokens,
+        num_soft_tokens=num_soft_tokens,
         image_token_id=model_cfg.image_token_id,
-        text_length=1 + model_cfg.num_video_query_tokens + config.data.max_txt_len,
+        text_length=1 + num_soft_tokens + config.data.max_txt_len,
         max_txt_len=config.data.max_txt_len,
         end_sym=config.data.end_sym,
         seed=config.seed,
         worker_count=config.data.get("worker_count", 0),
+        with_audio=branch == "audio" and audio_source == "fbank",
+        clips_per_video=config.data.clips_per_video,
     )
     iterator = iter(make_dataset(shards, pipeline_cfg, tokenizer))
 
@@ -140,24 +145,26 @@ def train(config, workdir: str | Path, log=print) -> dict:
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = [tuple(r) for r in config.logical_axis_rules]
     size = pipeline_cfg.image_size
+    keys = batch_keys(branch, audio_source)
     sample = {  # one example's shapes, as the pipeline makes them
         "frames": jnp.zeros((1, pipeline_cfg.num_frames, size, size, 3), jnp.float32),
+        "audio": jnp.zeros((1, pipeline_cfg.clips_per_video, 1, *model_cfg.imagebind_audio.input_size), jnp.float32),
         "input_ids": jnp.zeros((1, pipeline_cfg.text_length), jnp.int32),
     }
     sample["labels"] = sample["input_ids"]
     sample["padding_mask"] = sample["input_ids"].astype(bool)
-    init = lambda: model.init(jax.random.PRNGKey(config.seed), sample["frames"], sample["input_ids"])["params"]  # noqa: E731
+    init = lambda: init_params(model, jax.random.PRNGKey(config.seed), frame_size=size)  # noqa: E731
     boxed = jax.eval_shape(init)
-    boxed_frozen = split_params(boxed, VISUAL_TRAINABLE)[1]
+    boxed_frozen = split_params(boxed, trainable_names)[1]
     optimizer = make_optimizer(opt_cfg)
     make_state_from = lambda trainable: init_state(trainable, optimizer, jax.random.PRNGKey(config.seed + 1))  # noqa: E731
-    make_state = lambda params: make_state_from(split_params(params, VISUAL_TRAINABLE)[0])  # noqa: E731
+    make_state = lambda params: make_state_from(split_params(params, trainable_names)[0])  # noqa: E731
     abstract_state = jax.eval_shape(make_state, boxed)
     state_shardings = sharding.mesh_shardings(abstract_state, mesh, rules)
     frozen_shardings = sharding.mesh_shardings(boxed_frozen, mesh, rules)
-    batch_shardings = {k: sharding.batch_sharding(mesh, sample[k].ndim, rules) for k in MODEL_INPUTS}
+    batch_shardings = {k: sharding.batch_sharding(mesh, sample[k].ndim, rules) for k in keys}
     step_fn = jax.jit(
-        make_train_step(model, optimizer, opt_cfg),
+        make_train_step(model, optimizer, opt_cfg, branch, audio_source),
         in_shardings=(state_shardings, frozen_shardings, batch_shardings),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
@@ -172,7 +179,7 @@ def train(config, workdir: str | Path, log=print) -> dict:
             frozen = restore_params(config.train.frozen_checkpoint, unboxed(boxed_frozen), frozen_shardings)
         else:
             log("frozen weights: random from the seed (set train.frozen_checkpoint to a converted checkpoint)")
-            frozen = jax.jit(lambda: split_params(nn.unbox(init()), VISUAL_TRAINABLE)[1], out_shardings=frozen_shardings)()
+            frozen = jax.jit(lambda: split_params(nn.unbox(init()), trainable_names)[1], out_shardings=frozen_shardings)()
         latest = manager.latest_step()  # only complete checkpoints count: orbax commits by an atomic rename
         if latest is None and train_cfg.init_trainable:  # e.g. stage 2 from stage 1: weights only, fresh optimizer
             state = jax.jit(make_state_from, out_shardings=state_shardings)(
@@ -190,13 +197,13 @@ def train(config, workdir: str | Path, log=print) -> dict:
 
         # compiled ahead of time: the startup summary reports its per-device memory and FLOPs
         global_batch = {k: jax.ShapeDtypeStruct((config.batch_size, *sample[k].shape[1:]), sample[k].dtype, sharding=batch_shardings[k])
-                        for k in MODEL_INPUTS}
+                        for k in keys}
         compiled_step = step_fn.lower(state, frozen, global_batch).compile()
         cost = reporting.step_cost(compiled_step)
         peak = reporting.peak_flops(jax.devices()[0], train_cfg.peak_flops)
         is_main = jax.process_index() == 0
         if is_main:
-            for line in startup_summary(mesh, boxed, abstract_state, {**state_shardings.trainable, **frozen_shardings}, cost, peak):
+            for line in startup_summary(mesh, boxed, trainable_names, abstract_state, {**state_shardings.trainable, **frozen_shardings}, cost, peak):
                 log(line)
 
         preemption = _Preemption()
@@ -210,7 +217,7 @@ def train(config, workdir: str | Path, log=print) -> dict:
                 batch = next(iterator)
                 data_seconds = time.perf_counter() - started
                 # each process contributes its own slice of the global batch, in process order
-                inputs = {k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in MODEL_INPUTS}
+                inputs = {k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in keys}
                 state, metrics = compiled_step(state, frozen, inputs)
                 values = {k: v.item() for k, v in jax.device_get(metrics).items()}  # waits for the step
                 seconds = time.perf_counter() - started
@@ -250,11 +257,14 @@ def evaluate(config, model, params, tokenizer, pipeline_cfg, mesh, rules, workdi
     eval_cfg = dataclasses.replace(pipeline_cfg, batch_size=batch_size // jax.process_count(), train=False,
                                    frame_sampling="uniform", num_epochs=1, worker_count=0)
     batches = make_dataset(shard_paths(config.data.eval_shards), eval_cfg, tokenizer)
-    shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in (("frames", 5), ("input_ids", 2), ("labels", 2), ("example_mask", 1))}
+    media_key = batch_keys(config.train.branch, config.data.audio_source)[0]
+    shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in ((media_key, 5), ("input_ids", 2), ("labels", 2), ("example_mask", 1))}
     prompt_length = 1 + pipeline_cfg.num_soft_tokens  # stage 1's bare layout: [BOS] + soft tokens
-    generate = jax.jit(make_greedy_generate(model, prompt_length, config.eval.max_new_tokens))
+    generate = jax.jit(make_greedy_generate(model, prompt_length, config.eval.max_new_tokens, config.train.branch,
+                                            config.data.audio_source))
     started = time.perf_counter()
-    generated, reference = caption_dataset(generate, params, batches, tokenizer, shardings, prompt_length, config.data.end_sym)
+    generated, reference = caption_dataset(generate, params, batches, tokenizer, shardings, prompt_length,
+                                           config.data.end_sym, media_key)
     result = {"clips": len(reference), "seconds": round(time.perf_counter() - started, 2)}
     if config.eval.score == "shape_attributes":
         result["attribute_accuracy"] = tiny_default.attribute_accuracy(generated, reference)

@@ -1,0 +1,245 @@
+"""The audio branch against the real ImageBind code (imagebind-unofficial, see imagebind_reference.py) and
+transformers' Blip2QFormerModel, fp32, max abs diff <= 1e-5; full sizes by shape; a real mp4 end to end."""
+import dataclasses
+import re
+from unittest import mock
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import hf_reference as ref
+import imagebind_reference as ib_ref
+from vllama_jax.config import load_config, model_config
+from vllama_jax.constants import IGNORE_INDEX
+from vllama_jax.convert import imagebind as ib_map
+from vllama_jax.convert.mapping import flatten, torch_shape
+from vllama_jax.convert.video_llama import (UNUSED_KEYS, export_state_dict, load_state_dict, scanned_subtrees,
+                                            video_llama_rules)
+from vllama_jax.data import audio
+from vllama_jax.data.synthetic import write_test_video
+from vllama_jax.models.imagebind import ImageBindEncoder
+from vllama_jax.models.video_llama import AUDIO_TRAINABLE, VideoLlama, causal_lm_loss, count_params, init_params
+
+TOL = 1e-5
+AUDIO_PREFIXES = ("audio_encoder.", "audio_position_embedding.", "audio_Qformer.", "audio_query_tokens", "audio_llama_proj.")
+
+
+def report(name, err):
+    print(f"[parity] {name}: max abs diff {err:.2e}")
+    assert err <= TOL, f"{name}: {err}"
+
+
+@pytest.fixture(scope="module")
+def tiny_imagebind():
+    return ib_ref.tiny_imagebind(seed=0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_imagebind_towers_match_the_original(tiny_imagebind, scan):
+    torch_model, audio_cfg, vision_cfg = tiny_imagebind
+    audio_cfg = dataclasses.replace(audio_cfg, scan_layers=scan)
+    vision_cfg = dataclasses.replace(vision_cfg, scan_layers=scan)
+    encoder = ImageBindEncoder(audio_cfg, vision_cfg)
+    rng = np.random.default_rng(0)
+    fbank = rng.standard_normal((2, 3, 128, 204)).astype(np.float32)
+    frames = rng.standard_normal((2, 2, 224, 224, 3)).astype(np.float32)
+    abstract = jax.eval_shape(lambda: {
+        **encoder.init(jax.random.key(0), fbank, "audio")["params"],
+        **encoder.init(jax.random.key(0), frames, "vision")["params"]})
+    scanned = [(f"{m}/blocks", 2) for m in ("audio", "vision")] if scan else []
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    params = load_state_dict(state, ib_map.imagebind_rules(audio_cfg, vision_cfg), abstract, scanned,
+                             ignore=ib_map.UNUSED_KEYS)
+    with torch.no_grad():
+        t_feature, t_embedding = ib_ref.get_audio_feature(torch_model, torch.from_numpy(fbank)[:, :, None], "audio")
+        t_vfeature, t_vembedding = ib_ref.get_audio_feature(
+            torch_model, torch.from_numpy(frames).permute(0, 1, 4, 2, 3).contiguous(), "vision")
+    feature, embedding = encoder.apply({"params": params}, fbank, "audio")
+    vfeature, vembedding = encoder.apply({"params": params}, frames, "vision")
+    assert feature.shape == (2, 3, 32) and embedding.shape == (2, 3, 24)
+    report(f"ImageBind audio head-LN CLS (scan={scan})", ref.max_abs(feature, t_feature))
+    report(f"ImageBind audio embedding x20 (scan={scan})", ref.max_abs(embedding, t_embedding))
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=-1), 20.0, rtol=1e-5)
+    report(f"ImageBind vision head-LN CLS (scan={scan})", ref.max_abs(vfeature, t_vfeature))
+    report(f"ImageBind vision embedding (scan={scan})", ref.max_abs(vembedding, t_vembedding))
+    np.testing.assert_allclose(np.linalg.norm(vembedding, axis=-1), 1.0, rtol=1e-5)  # no logit scale for vision
+
+
+def test_drop_path_only_in_training_and_only_where_the_original_has_it(tiny_imagebind):
+    _, audio_cfg, vision_cfg = tiny_imagebind
+    encoder = ImageBindEncoder(audio_cfg, vision_cfg)
+    x = np.random.default_rng(1).standard_normal((4, 2, 128, 204)).astype(np.float32)
+    params = encoder.init(jax.random.key(0), x, "audio")["params"]
+    run = lambda det, seed: np.asarray(encoder.apply({"params": params}, x, "audio", deterministic=det,  # noqa: E731
+                                                     rngs={"dropout": jax.random.key(seed)})[0])
+    assert np.array_equal(run(True, 0), run(True, 1))
+    assert not np.allclose(run(False, 0), run(True, 0))  # block 1 of 2 drops its residual branches at rate 0.1
+
+
+def _patched_init():
+    """Build the full-size original without spending a minute initialising 1.2 B random weights."""
+    names = ["kaiming_uniform_", "uniform_", "xavier_uniform_", "xavier_normal_", "normal_", "constant_", "trunc_normal_"]
+    return [mock.patch(f"torch.nn.init.{n}", lambda t, *a, **k: t) for n in names]
+
+
+def test_full_size_imagebind_and_audio_glue_by_shape():
+    """The full-size towers and audio glue by jax.eval_shape, against SPEC's counts and the real imagebind_huge's
+    every tensor shape (every key of it mapped or dropped on purpose)."""
+    cfg = model_config(load_config("configs/video_llama.py:llama2_7b_chat,audio_stage1"))
+    params = nn.unbox(jax.eval_shape(lambda: init_params(VideoLlama(cfg), jax.random.key(0))))
+    audio_tower = flatten(params["audio_encoder"]["audio"])
+    assert sum(int(np.prod(v.shape)) for k, v in audio_tower.items() if k != "log_logit_scale") == 86_235_648
+    assert audio_tower["log_logit_scale"].shape == ()  # the fixed buffer, kept so the file round-trips
+    assert count_params(params, ("audio_Qformer",)) == 19_691_520
+    assert count_params(params, AUDIO_TRAINABLE) == 19_691_520 + 8 * 768 + 8 * 1024 + 768 * 4096 + 4096
+    assert params["audio_encoder"]["vision"]["blocks"]["attn"]["query"]["kernel"].dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params["audio_Qformer"]))
+
+    patches = _patched_init()
+    for p in patches:
+        p.start()
+    try:
+        huge = ib_ref.imagebind_model().imagebind_huge()
+    finally:
+        for p in patches:
+            p.stop()
+    real = {k: tuple(v.shape) for k, v in huge.state_dict().items()}
+    assert sum(int(np.prod(s)) for k, s in real.items() if ".vision." in k) == sum(
+        int(np.prod(v.shape)) for v in flatten(params["audio_encoder"]["vision"]).values())
+    shapes = {f"audio_encoder/{k}": v.shape for k, v in flatten(params["audio_encoder"]).items()}
+    shapes = {k: v for k, v in _unscanned(shapes, cfg).items()}
+    rules = [r for r in video_llama_rules(cfg) if r.source.startswith("audio_encoder.")]
+    mapped = set()
+    for rule in rules:
+        key = rule.source.removeprefix("audio_encoder.")
+        mapped.add(key)
+        if rule.transform.startswith("split3"):
+            piece = "linear" if rule.transform == "split3" else "bias"
+            want = torch_shape(piece, shapes[rule.targets[0]])
+            want = (3 * want[0], *want[1:])
+        else:
+            want = torch_shape(rule.transform, shapes[rule.target])
+        assert real[key] == want, key
+    unused = [k for k in real if k not in mapped]
+    assert unused and all(re.fullmatch(p, k) for k in unused for p in ib_map.UNUSED_KEYS)
+    assert {k.split(".")[1] for k in unused} == {"text", "depth", "thermal", "imu"}
+
+
+def _unscanned(shapes, cfg):
+    out = {}
+    for key, shape in shapes.items():
+        for path, count in scanned_subtrees(cfg):
+            if key.startswith(path + "/"):
+                for i in range(count):
+                    out[f"{path}_{i}/{key[len(path) + 1:]}"] = shape[1:]
+                break
+        else:
+            out[key] = shape
+    return out
+
+
+class TorchAudioBranch(torch.nn.Module):
+    """The original `encode_audioQformer` composed from the real parts: ImageBind's `get_audio_feature` → +
+    nn.Embedding(8, 1024-analog) → Q-Former (transformers' Blip2QFormerModel) → Linear."""
+
+    def __init__(self, imagebind, embed_dim, hidden, llm_hidden, num_queries):
+        super().__init__()
+        self.audio_encoder = imagebind
+        self.audio_position_embedding = torch.nn.Embedding(8, embed_dim)
+        self.audio_Qformer = ref.tiny_qformer(hidden=hidden, layers=2, encoder_width=embed_dim, freq=1, seed=3)
+        self.audio_query_tokens = torch.nn.Parameter(0.02 * torch.randn(1, num_queries, hidden))
+        self.audio_llama_proj = torch.nn.Linear(hidden, llm_hidden)
+
+    def forward(self, inputs, modality):
+        _, embedding = ib_ref.get_audio_feature(self.audio_encoder, inputs, modality)
+        embedding = embedding + self.audio_position_embedding(torch.arange(inputs.shape[1]))[None]
+        query = self.audio_query_tokens.expand(inputs.shape[0], -1, -1)
+        hidden = self.audio_Qformer(query_embeds=query, encoder_hidden_states=embedding).last_hidden_state
+        return self.audio_llama_proj(hidden)
+
+    def original_state_dict(self):
+        state = {f"audio_encoder.{k}": v.numpy() for k, v in self.audio_encoder.state_dict().items()}
+        state.update(ref.qformer_state_dict(self.audio_Qformer, prefix="audio_Qformer."))
+        for name in ("audio_position_embedding.weight", "audio_query_tokens", "audio_llama_proj.weight", "audio_llama_proj.bias"):
+            state[name] = self.state_dict()[name].numpy()
+        return state
+
+
+@pytest.fixture(scope="module")
+def audio_model(tiny_config, tiny_imagebind):
+    """Tiny Video-LLaMA with the audio branch sized like the tiny real ImageBind, and its PyTorch twin."""
+    torch_imagebind, audio_cfg, vision_cfg = tiny_imagebind
+    base = model_config(tiny_config)
+    cfg = dataclasses.replace(
+        base, equip_audio_branch=True, imagebind_audio=audio_cfg, imagebind_vision=vision_cfg,
+        audio_qformer=dataclasses.replace(base.audio_qformer, encoder_width=24), num_audio_query_tokens=8,
+        image_token_id=510, audio_token_id=511)
+    torch.manual_seed(5)
+    torch_branch = TorchAudioBranch(torch_imagebind, 24, base.audio_qformer.hidden_size, base.llm.hidden_size, 8).eval()
+    model = VideoLlama(cfg)
+    params = jax.jit(lambda: nn.unbox(init_params(model, jax.random.key(0))))()
+    params = jax.tree_util.tree_map(np.asarray, params)
+    audio_names = [k for k in params if k.startswith("audio_")]
+    rules = [r for r in video_llama_rules(cfg) if r.source.startswith(AUDIO_PREFIXES)]
+    scanned = [s for s in scanned_subtrees(cfg) if s[0].startswith("audio_")]
+    loaded = load_state_dict(torch_branch.original_state_dict(), rules, {k: params[k] for k in audio_names}, scanned,
+                             ignore=UNUSED_KEYS)
+    return cfg, model, {**params, **loaded}, torch_branch
+
+
+@pytest.mark.parametrize("modality", ["audio", "vision"])
+def test_audio_soft_tokens_match_the_original_branch(audio_model, modality):
+    cfg, model, params, torch_branch = audio_model
+    rng = np.random.default_rng(2)
+    if modality == "audio":  # 8 fbank clips, as the original's (B, 8, 1, 128, 204)
+        inputs = rng.standard_normal((2, 8, 1, 128, 204)).astype(np.float32)
+        t_inputs = torch.from_numpy(inputs)
+    else:  # the audio stages: 8 frames through ImageBind's vision tower
+        inputs = rng.standard_normal((2, 8, 224, 224, 3)).astype(np.float32)
+        t_inputs = torch.from_numpy(inputs).permute(0, 1, 4, 2, 3).contiguous()
+    ours = model.apply({"params": params}, inputs, modality, method=VideoLlama.encode_audio)
+    with torch.no_grad():
+        theirs = torch_branch(t_inputs, modality).numpy()
+    assert ours.shape == (2, 8, cfg.llm.hidden_size)
+    report(f"audio soft tokens from {modality}", ref.max_abs(ours, theirs))
+
+
+def test_real_mp4_audio_track_to_caption_loss(audio_model, tmp_path):
+    """A generated mp4 with an AAC tone → fbank clips → ImageBind audio tower → audio Q-Former → soft tokens at
+    the `<AudioHere>` tokens → LLM loss; gradients reach the audio glue and only it."""
+    cfg, model, params, _ = audio_model
+    path = write_test_video(tmp_path / "tone.mp4", num_frames=40, fps=8, tone_hz=660.0)
+    clips, has_audio = audio.load_audio_clips(path, clips_per_video=8)
+    assert has_audio and clips.shape == (8, 1, 128, 204)
+    ids = np.array([[1, *[cfg.audio_token_id] * 8, 20, 21, 22, 23, 2]], np.int32)
+    labels = np.where(np.arange(ids.shape[1]) > 8, ids, IGNORE_INDEX)
+    trainable = {k: params[k] for k in AUDIO_TRAINABLE}
+    frozen = {k: v for k, v in params.items() if k not in AUDIO_TRAINABLE}
+
+    def loss_fn(trainable, fbank):
+        logits, soft = model.apply({"params": {**frozen, **trainable}}, None, ids, audio=fbank)
+        return causal_lm_loss(logits, labels)[0], soft
+
+    (loss, soft), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, clips[None])
+    assert np.isfinite(float(loss)) and set(soft) == {"audio"} and soft["audio"].shape == (1, 8, cfg.llm.hidden_size)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
+    silent, _ = loss_fn(trainable, np.zeros_like(clips)[None])
+    assert abs(float(silent) - float(loss)) > 1e-6  # the sound reaches the loss
+
+
+def test_audio_branch_round_trips_through_the_original_layout(audio_model):
+    """Import and export of the audio-branch keys (ImageBind's packed in_proj, bias_k/v, the Conv3d stem, the
+    logit-scale buffer) are exact, key for key."""
+    cfg, _, params, torch_branch = audio_model
+    state = torch_branch.original_state_dict()
+    rules = [r for r in video_llama_rules(cfg) if r.source.startswith(AUDIO_PREFIXES)]
+    exported = export_state_dict({k: v for k, v in params.items() if k.startswith("audio_")}, rules,
+                                 [p for p, _ in scanned_subtrees(cfg) if p.startswith("audio_")])
+    kept = {k: v for k, v in state.items() if not any(re.fullmatch(p, k) for p in UNUSED_KEYS)}
+    assert exported.keys() == kept.keys()
+    for key, value in kept.items():
+        assert exported[key].shape == value.shape and np.array_equal(exported[key], value), key
