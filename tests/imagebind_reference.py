@@ -48,7 +48,7 @@ def imagebind_model():
 
 
 TINY = dict(  # every modality small; the vision preprocessor is fixed at 224 px by the original code
-    vision_embed_dim=32, vision_num_blocks=2, vision_num_heads=4, out_embed_dim=24,
+    vision_embed_dim=32, vision_num_blocks=2, vision_num_heads=4, out_embed_dim=48,
     audio_embed_dim=32, audio_num_blocks=2, audio_num_heads=4, audio_drop_path=0.1,
     text_embed_dim=16, text_num_blocks=1, text_num_heads=2,
     depth_embed_dim=16, depth_num_blocks=1, depth_num_heads=2,

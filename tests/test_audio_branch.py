@@ -60,7 +60,7 @@ def test_imagebind_towers_match_the_original(tiny_imagebind, scan):
             torch_model, torch.from_numpy(frames).permute(0, 1, 4, 2, 3).contiguous(), "vision")
     feature, embedding = encoder.apply({"params": params}, fbank, "audio")
     vfeature, vembedding = encoder.apply({"params": params}, frames, "vision")
-    assert feature.shape == (2, 3, 32) and embedding.shape == (2, 3, 24)
+    assert feature.shape == (2, 3, 32) and embedding.shape == (2, 3, 48)
     report(f"ImageBind audio head-LN CLS (scan={scan})", ref.max_abs(feature, t_feature))
     report(f"ImageBind audio embedding x20 (scan={scan})", ref.max_abs(embedding, t_embedding))
     np.testing.assert_allclose(np.linalg.norm(embedding, axis=-1), 20.0, rtol=1e-5)
@@ -176,10 +176,10 @@ def audio_model(tiny_config, tiny_imagebind):
     base = model_config(tiny_config)
     cfg = dataclasses.replace(
         base, equip_audio_branch=True, imagebind_audio=audio_cfg, imagebind_vision=vision_cfg,
-        audio_qformer=dataclasses.replace(base.audio_qformer, encoder_width=24), num_audio_query_tokens=8,
+        num_audio_query_tokens=8,
         image_token_id=510, audio_token_id=511)
     torch.manual_seed(5)
-    torch_branch = TorchAudioBranch(torch_imagebind, 24, base.audio_qformer.hidden_size, base.llm.hidden_size, 8).eval()
+    torch_branch = TorchAudioBranch(torch_imagebind, 48, base.audio_qformer.hidden_size, base.llm.hidden_size, 8).eval()
     model = VideoLlama(cfg)
     params = jax.jit(lambda: nn.unbox(init_params(model, jax.random.key(0))))()
     params = jax.tree_util.tree_map(np.asarray, params)
@@ -243,3 +243,53 @@ def test_audio_branch_round_trips_through_the_original_layout(audio_model):
     assert exported.keys() == kept.keys()
     for key, value in kept.items():
         assert exported[key].shape == value.shape and np.array_equal(exported[key], value), key
+
+
+CONFIG_FILE = '''
+from vllama_jax.config import load_config
+
+
+def get_config(arg=""):
+    """tiny,audio_stage1 with ImageBind's vision tower at the 224 px the original code fixes."""
+    config = load_config("{repo}/configs/video_llama.py:tiny,audio_stage1")
+    config.model.imagebind_vision.input_size = (224, 224)
+    return config
+'''
+
+
+def test_vllama_convert_imports_and_exports_imagebind_huge_pth(repo_root, tmp_path, tiny_imagebind):
+    """An `imagebind_huge.pth`-layout file (all six modalities, as the real one) → `vllama-convert import` →
+    orbax → `export` gives the audio and vision tensors back bit for bit under `audio_encoder.`; the four unused
+    modalities are reported as dropped; a wrong-shaped tensor is refused by name and nothing is written."""
+    import orbax.checkpoint as ocp
+
+    from test_convert_cli import convert
+
+    torch_model, _, _ = tiny_imagebind
+    config = tmp_path / "audio_config.py"
+    config.write_text(CONFIG_FILE.format(repo=repo_root))
+    state = {k: v.clone() for k, v in torch_model.state_dict().items()}
+    torch.save(state, tmp_path / "imagebind_huge.pth")
+    out = tmp_path / "imagebind_orbax"
+    result = convert(repo_root, "import", f"--config={config}", "--part", "audio_encoder", "--out", out,
+                     "--source", tmp_path / "imagebind_huge.pth")
+    assert re.search(r"dropped on purpose from \S*imagebind_huge.pth: \d+ keys", result.stdout), result.stdout
+    assert re.search(r"audio_encoder\s+[\d,]+\s+[\d.]+\s+float32\s+<- imagebind_huge.pth", result.stdout), result.stdout
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(out.absolute())
+    assert sorted(restored) == ["audio_encoder"] and sorted(restored["audio_encoder"]) == ["audio", "vision"]
+
+    exported = tmp_path / "exported.pth"
+    convert(repo_root, "export", f"--config={config}", "--params", out, "--out", exported)
+    back = torch.load(exported, weights_only=True)["model"]
+    kept = {f"audio_encoder.{k}": v for k, v in state.items() if not any(re.fullmatch(p, k) for p in ib_map.UNUSED_KEYS)}
+    assert back.keys() == kept.keys()
+    for key, value in kept.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+
+    state["modality_trunks.audio.blocks.1.attn.bias_k"] = torch.zeros(1, 1, 31)
+    torch.save(state, tmp_path / "bad.pth")
+    bad = convert(repo_root, "import", f"--config={config}", "--part", "audio_encoder", "--out", tmp_path / "bad_out",
+                  "--source", tmp_path / "bad.pth", ok=False)
+    assert "audio_encoder.modality_trunks.audio.blocks.1.attn.bias_k" in bad.stderr and "(1, 1, 31)" in bad.stderr
+    assert not (tmp_path / "bad_out").exists()

@@ -168,3 +168,39 @@ def test_stage2_recipe_starts_from_stage1_weights_on_instruction_shards(repo_roo
         np.testing.assert_allclose(b, a, atol=1e-5)  # one AdamW step at lr 1e-6 moves a weight by ~1e-6
         changed += int(not np.array_equal(a, b))
     assert changed > 0
+
+
+@pytest.mark.parametrize("audio_source", ["frames", "fbank"])
+def test_audio_stage1_trains_only_the_audio_glue(repo_root, tmp_path, synthetic, audio_source):
+    """`tiny,audio_stage1` on WebVid-format shards of mp4s with tones: "frames" feeds the video frames through
+    ImageBind's vision tower (the paper's audio stages), "fbank" the clips' audio track; only the audio
+    Q-Former, its queries, its position embedding and audio_llama_proj are in the train state."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from vllama_jax.data.prepare import prepare
+    from vllama_jax.data.synthetic import write_test_video
+
+    media = tmp_path / "media" / "tones"
+    media.mkdir(parents=True)
+    rows = ["videoid,name,page_dir"]
+    for i, (hz, words) in enumerate([(330.0, "a low tone"), (660.0, "a middle tone"), (1320.0, "a high tone"), (990.0, "a bright tone")]):
+        write_test_video(media / f"{i}.mp4", num_frames=24, fps=8, tone_hz=hz)
+        rows.append(f"{i},{words},tones")
+    (tmp_path / "tones.csv").write_text("\n".join(rows) + "\n")
+    prepare("webvid", tmp_path / "tones.csv", tmp_path / "media", tmp_path / "shards", name="tones", log=lambda *_: None)
+
+    workdir = tmp_path / "audio_stage1"
+    result = subprocess.run(
+        ["vllama-train", "--config=configs/video_llama.py:tiny,audio_stage1", f"--workdir={workdir}",
+         f"--config.data.shards={tmp_path / 'shards'}", f"--config.data.tokenizer={synthetic / 'tokenizer'}",
+         f"--config.data.audio_source={audio_source}", "--config.train.steps=2", "--config.batch_size=2",
+         "--config.eval.at_end=False"],
+        cwd=repo_root, env=environment(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parameters: 30,400 trainable" in result.stdout, result.stdout  # the tiny audio glue
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(np.isfinite(r["loss"]) and r["examples"] == 2 for r in records)
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore((workdir / "checkpoints" / "2" / "state").absolute())
+    assert sorted(state["trainable"]) == ["audio_Qformer", "audio_llama_proj", "audio_position_embedding", "audio_query_tokens"]
