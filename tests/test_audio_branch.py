@@ -293,3 +293,31 @@ def test_vllama_convert_imports_and_exports_imagebind_huge_pth(repo_root, tmp_pa
                   "--source", tmp_path / "bad.pth", ok=False)
     assert "audio_encoder.modality_trunks.audio.blocks.1.attn.bias_k" in bad.stderr and "(1, 1, 31)" in bad.stderr
     assert not (tmp_path / "bad_out").exists()
+
+
+def test_audio_visual_prompt_carries_both_blocks_in_the_original_order(audio_model, tokenizer):
+    """The original audio-video demo's message (audio block, then `<Video>` block) with both branches' soft tokens:
+    each placeholder run receives its own branch's tokens, in order; audio-only and video-only inputs work too."""
+    from vllama_jax.data import text
+
+    cfg, model, params, _ = audio_model
+    cfg = dataclasses.replace(cfg, image_token_id=tokenizer.convert_tokens_to_ids("<ImageHere>"),
+                              audio_token_id=tokenizer.convert_tokens_to_ids("<AudioHere>"))
+    model = VideoLlama(cfg)
+    message = text.audio_video_message(cfg.num_audio_query_tokens, cfg.num_video_query_tokens)
+    assert message.index("<AudioHere>") < message.index("<Video><ImageHere>")
+    ids = np.array([[tokenizer.bos_token_id] + tokenizer(message, add_special_tokens=False)["input_ids"]], np.int32)
+    assert (ids == cfg.audio_token_id).sum() == 8 and (ids == cfg.image_token_id).sum() == cfg.num_video_query_tokens
+    rng = np.random.default_rng(3)
+    frames = rng.standard_normal((1, 2, 28, 28, 3)).astype(np.float32)
+    fbank = rng.standard_normal((1, 8, 1, 128, 204)).astype(np.float32)
+    soft = model.apply({"params": params}, frames, fbank, method=VideoLlama.encode)
+    embeds = np.asarray(model.apply({"params": params}, ids, soft["video"], soft["audio"], method=VideoLlama.splice))
+    np.testing.assert_array_equal(embeds[0, ids[0] == cfg.audio_token_id], soft["audio"][0])
+    np.testing.assert_array_equal(embeds[0, ids[0] == cfg.image_token_id], soft["video"][0])
+    both, _ = model.apply({"params": params}, frames, ids, audio=fbank)
+    video_only, _ = model.apply({"params": params}, frames, ids)
+    audio_only, _ = model.apply({"params": params}, None, ids, audio=fbank)
+    assert both.shape == video_only.shape == audio_only.shape and not np.allclose(both, video_only)
+    image = model.apply({"params": params}, frames[:, :1], method=VideoLlama.encode_video)  # an image: one frame
+    assert image.shape == (1, cfg.num_video_query_tokens, cfg.llm.hidden_size)

@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-from vllama_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from vllama_jax.constants import AUDIO_PLACEHOLDER, IGNORE_INDEX, IMAGE_PLACEHOLDER
 
 
 def clean_caption(caption: str, max_words: int = 50) -> str:
@@ -84,6 +84,23 @@ def media_prefix(kind: str, num_soft_tokens: int, frame_seconds: list[float] | N
         times = ", ".join(str(round(t, 1)) for t in frame_seconds)
         prefix += f"The video contains {len(frame_seconds)} frames sampled at {times} seconds. "
     return prefix
+
+
+# The original audio-video demo's first user message (conversation_video.py, `upload_video` with audio): the
+# audio block, then the video block. The runs of spaces come from a line continuation inside the original's
+# string literal; copied as they are. The original marks both blocks with one `<ImageHere>` each and splits the
+# prompt on it; here each block is its placeholder repeated (`<AudioHere>` for audio), so one token sequence
+# carries both and the model splices each branch's soft tokens at its own placeholders.
+_GAP = " " * 17
+AUDIO_VIDEO_MESSAGE = (
+    "Close your eyes, open your ears and you imagine only based on the sound that: {audio}." + _GAP
+    + "Close your ears, open your eyes and you see that <Video>{video}</Video>. " + _GAP
+    + "Now answer my question based on what you have just seen and heard."
+)
+
+
+def audio_video_message(num_audio_tokens: int, num_video_tokens: int) -> str:
+    return AUDIO_VIDEO_MESSAGE.format(audio=AUDIO_PLACEHOLDER * num_audio_tokens, video=IMAGE_PLACEHOLDER * num_video_tokens)
 
 
 def conversation_example(
