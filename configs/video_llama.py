@@ -42,8 +42,9 @@ TINY = dict(
     max_frame_pos=8,
     llm=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5),
     # the audio branch (built when equip_audio_branch, as in the audio recipes): ImageBind towers at full input
-    # size for audio (128 × 204 fbank) and at the tiny frame size for vision, 48-d joint space
-    imagebind_audio=dict(width=32, num_layers=2, num_heads=4, mlp_dim=128, out_dim=48),
+    # size for audio (128 × 204 fbank) and at the tiny frame size for vision, 48-d joint space. The random audio
+    # tower is 64 wide: at 32 its random embedding told a 300 Hz tone from an 1800 Hz one far less reliably.
+    imagebind_audio=dict(width=64, num_layers=2, num_heads=4, mlp_dim=256, out_dim=48),
     imagebind_vision=dict(input_size=(28, 28), width=32, num_layers=2, num_heads=4, mlp_dim=128, out_dim=48),
     audio_qformer=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=48, cross_attention_freq=1),
     num_audio_query_tokens=4,
@@ -82,6 +83,10 @@ RECIPES = {
                          max_epoch=5, max_txt_len=32, end_sym="\n", frame_sampling="uniform", branch="audio"),
     "audio_stage2": dict(batch=4, init_lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=400, iters_per_epoch=1000,
                          max_epoch=3, max_txt_len=512, end_sym="###", frame_sampling="uniform", branch="audio"),
+    # not an original recipe: both branches train together on clips with sound (the tiny demo's audio-visual
+    # variant, `tiny,audio_visual`); the numbers are stage 1's
+    "audio_visual": dict(batch=32, init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=2500, iters_per_epoch=2500,
+                         max_epoch=5, max_txt_len=32, end_sym="\n", frame_sampling="uniform", branch="audio_visual"),
 }
 
 
@@ -97,7 +102,7 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
     config.recipe = recipe_name
     config.seed = 42
     config.model = _model(name)
-    if recipe["branch"] == "audio":  # the audio stages need ImageBind and the audio glue; the visual branch stays
+    if recipe["branch"] != "visual":  # ImageBind and the audio glue; the visual branch stays
         config.model.equip_audio_branch = True
     config.data = dict(
         num_frames=8,
@@ -112,8 +117,9 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
         synthetic_eval_clips=0,
         # what the audio branch reads: "frames" (ImageBind's vision tower on the video frames, the paper's audio
         # stages) or "fbank" (the clips' audio track, 8 two-second fbank clips, as at inference)
-        audio_source="frames",
+        audio_source="fbank" if recipe["branch"] == "audio_visual" else "frames",
         clips_per_video=8,
+        synthetic_sounds=False,  # the tiny default's clips carry tones their captions name (pitch, rhythm)
     )
     config.eval = dict(at_end=True, batch_size=16, max_new_tokens=16, score="")
     config.batch_size = recipe["batch"]
@@ -126,13 +132,16 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
     config.train = dict(steps=recipe["max_epoch"] * recipe["iters_per_epoch"], checkpoint_every=500, keep=3,
                         max_nonfinite=10, log_every=50, frozen_checkpoint="", init_trainable="", peak_flops=0.0,
                         branch=recipe["branch"])
-    if name == "tiny" and recipe_name == "vision_stage1":
+    if name == "tiny" and recipe_name in ("vision_stage1", "audio_visual"):
         config.optimizer.update(init_lr=3e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50, iters_per_epoch=300, max_epoch=6)
         config.train.update(steps=1800, checkpoint_every=300, log_every=150)
         config.batch_size = 32
         config.data.update(num_frames=4, max_txt_len=16, synthetic_clips=960, synthetic_eval_clips=48)
         # the one LLM that trains: the tiny LLaMA on the caption text, before it is frozen (tiny_default.py)
         config.llm_pretraining = dict(steps=300, batch_size=32, learning_rate=3e-3, length=40)
+        if recipe_name == "audio_visual":  # the clips carry tones; one 2-s fbank clip covers a 2-s clip
+            config.data.update(synthetic_sounds=True, clips_per_video=1, max_txt_len=24)
+            config.llm_pretraining.length = 48
     elif name == "tiny":
         config.data.update(num_frames=4, max_txt_len=160 if recipe_name.endswith("stage2") else 16)
         config.train.update(steps=12, checkpoint_every=4, log_every=1)

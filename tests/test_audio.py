@@ -122,3 +122,22 @@ def test_unreadable_audio_names_the_file(tmp_path):
     bad.write_bytes(b"RIFF....not audio")
     with pytest.raises(ValueError, match="broken.wav"):
         audio.read_audio(bad)
+
+
+@pytest.mark.parametrize("pitch,rhythm", [("low", "steady"), ("high", "beeping")])
+def test_sound_world_clips_carry_the_tone_their_caption_names(tmp_path, pitch, rhythm):
+    """The audio-visual tiny world: the mp4's AAC track has the caption's pitch (spectral peak) and rhythm
+    (silent gaps when beeping), and the caption parses back to both."""
+    from vllama_jax.data.synthetic import PITCHES, parse_caption, shape_caption, write_shape_video
+
+    path = write_shape_video(tmp_path / "clip.mp4", "red", "circle", "from left to right", np.random.default_rng(0),
+                             sound=(pitch, rhythm))
+    wave = audio.read_audio(path)[0]
+    assert abs(len(wave) / 16000 - 2.25) < 0.1
+    peak = np.argmax(np.abs(np.fft.rfft(wave))) * 16000 / len(wave)
+    assert abs(peak - PITCHES[pitch]) <= 0.06 * PITCHES[pitch], peak
+    windows = np.abs(wave[: len(wave) // 400 * 400]).reshape(-1, 400).max(axis=1)  # 25-ms windows
+    silent = float(np.mean(windows < 0.02))
+    assert (0.3 < silent < 0.7) if rhythm == "beeping" else silent < 0.1, silent
+    assert parse_caption(shape_caption("red", "circle", "from left to right", (pitch, rhythm))) == {
+        "color": "red", "shape": "circle", "motion": "from left to right", "pitch": pitch, "rhythm": rhythm}

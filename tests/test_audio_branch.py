@@ -98,6 +98,11 @@ def test_full_size_imagebind_and_audio_glue_by_shape():
     assert count_params(params, AUDIO_TRAINABLE) == 19_691_520 + 8 * 768 + 8 * 1024 + 768 * 4096 + 4096
     assert params["audio_encoder"]["vision"]["blocks"]["attn"]["query"]["kernel"].dtype == jnp.bfloat16
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params["audio_Qformer"]))
+    model = VideoLlama(cfg)
+    for inputs, modality in (((1, 8, 1, 128, 204), "audio"), ((1, 8, 224, 224, 3), "vision")):
+        soft = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, modality, method=VideoLlama.encode_audio),
+                              params, jax.ShapeDtypeStruct(inputs, jnp.float32))
+        assert soft.shape == (1, 8, 4096), (modality, soft.shape)
 
     patches = _patched_init()
     for p in patches:
@@ -253,36 +258,43 @@ def get_config(arg=""):
     """tiny,audio_stage1 with ImageBind's vision tower at the 224 px the original code fixes."""
     config = load_config("{repo}/configs/video_llama.py:tiny,audio_stage1")
     config.model.imagebind_vision.input_size = (224, 224)
+    config.model.num_audio_query_tokens = 8
     return config
 '''
 
 
-def test_vllama_convert_imports_and_exports_imagebind_huge_pth(repo_root, tmp_path, tiny_imagebind):
-    """An `imagebind_huge.pth`-layout file (all six modalities, as the real one) → `vllama-convert import` →
-    orbax → `export` gives the audio and vision tensors back bit for bit under `audio_encoder.`; the four unused
-    modalities are reported as dropped; a wrong-shaped tensor is refused by name and nothing is written."""
+def test_vllama_convert_imports_and_exports_imagebind_huge_pth(repo_root, tmp_path, audio_model):
+    """An `imagebind_huge.pth`-layout file (all six modalities, as the real one) plus a Video-LLaMA audio-branch
+    checkpoint (`{'model': audio_*}`, the original's `ckpt_2`) → `vllama-convert import` → orbax → `export`
+    gives every tensor back bit for bit under the original keys; the four unused modalities are reported as
+    dropped; a wrong-shaped tensor is refused by name and nothing is written."""
     import orbax.checkpoint as ocp
 
-    from test_convert_cli import convert
+    from test_convert_cli import as_torch, convert
 
-    torch_model, _, _ = tiny_imagebind
+    _, _, _, torch_branch = audio_model
     config = tmp_path / "audio_config.py"
     config.write_text(CONFIG_FILE.format(repo=repo_root))
-    state = {k: v.clone() for k, v in torch_model.state_dict().items()}
+    state = {k: v.clone() for k, v in torch_branch.audio_encoder.state_dict().items()}
     torch.save(state, tmp_path / "imagebind_huge.pth")
+    glue = {k: v for k, v in torch_branch.original_state_dict().items() if not k.startswith("audio_encoder.")}
+    torch.save({"model": as_torch(glue)}, tmp_path / "audio_branch.pth")
     out = tmp_path / "imagebind_orbax"
-    result = convert(repo_root, "import", f"--config={config}", "--part", "audio_encoder", "--out", out,
-                     "--source", tmp_path / "imagebind_huge.pth")
+    part = "audio_encoder,audio_position_embedding,audio_Qformer,audio_query_tokens,audio_llama_proj"
+    result = convert(repo_root, "import", f"--config={config}", "--part", part, "--out", out,
+                     "--source", tmp_path / "imagebind_huge.pth", "--source", tmp_path / "audio_branch.pth")
     assert re.search(r"dropped on purpose from \S*imagebind_huge.pth: \d+ keys", result.stdout), result.stdout
     assert re.search(r"audio_encoder\s+[\d,]+\s+[\d.]+\s+float32\s+<- imagebind_huge.pth", result.stdout), result.stdout
+    assert re.search(r"audio_Qformer\s+[\d,]+\s+[\d.]+\s+float32\s+<- audio_branch.pth", result.stdout), result.stdout
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(out.absolute())
-    assert sorted(restored) == ["audio_encoder"] and sorted(restored["audio_encoder"]) == ["audio", "vision"]
+    assert sorted(restored) == sorted(part.split(",")) and sorted(restored["audio_encoder"]) == ["audio", "vision"]
 
     exported = tmp_path / "exported.pth"
     convert(repo_root, "export", f"--config={config}", "--params", out, "--out", exported)
     back = torch.load(exported, weights_only=True)["model"]
     kept = {f"audio_encoder.{k}": v for k, v in state.items() if not any(re.fullmatch(p, k) for p in ib_map.UNUSED_KEYS)}
+    kept.update(as_torch({k: v for k, v in glue.items() if not any(re.fullmatch(p, k) for p in UNUSED_KEYS)}))
     assert back.keys() == kept.keys()
     for key, value in kept.items():
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key

@@ -61,7 +61,8 @@ def test_vit_and_ln_vision_parity(scan):
 
 @pytest.mark.parametrize(
     "freq,layers,encoder_width,scan",
-    [(2, 4, 48, False), (2, 4, 48, True), (1, 2, 40, False), (1, 2, 40, True)],
+    # the last: the audio Q-Former's shape, reading ImageBind's 1024-d embeddings
+    [(2, 4, 48, False), (2, 4, 48, True), (1, 2, 40, False), (1, 2, 40, True), (1, 2, 1024, True)],
 )
 def test_qformer_parity(freq, layers, encoder_width, scan):
     torch_model = ref.tiny_qformer(hidden=32, layers=layers, encoder_width=encoder_width, freq=freq)

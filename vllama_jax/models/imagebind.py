@@ -13,6 +13,7 @@ LayerNorm → CLS → Linear(width → 1024, no bias). A tower returns `(feature
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -38,6 +39,7 @@ class ImageBindTowerConfig:
     drop_path: float = 0.1  # the last block's drop-path rate; block i uses drop_path * i / (num_layers - 1)
     logit_scale: bool = True  # × exp(log_logit_scale) after normalising (audio: 20, a fixed buffer)
     layer_norm_eps: float = 1e-6
+    pos_embed_init_std: float = 0.0  # 0 = the original's width^-1/2; only a randomly initialised tower cares
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = False
@@ -77,6 +79,19 @@ def _constant_log_scale(key, shape, dtype=jnp.float32):
     return jnp.full(shape, jnp.log(LOGIT_SCALE), dtype)
 
 
+# The original's random init (only a randomly initialised tower cares): the trunk's Linear layers are
+# Xavier-uniform ("jax" style), torch's packed (3·width, width) in_proj included, so each of our q/k/v thirds
+# has that matrix's bound sqrt(6 / (4·width)); bias_k/v are Xavier-normal; the stem convolution and the head keep
+# PyTorch's default U(±1/sqrt(fan_in)).
+def _xavier(in_axis, out_axis, scale=1.0):
+    return jax.nn.initializers.variance_scaling(scale, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis)
+
+
+PACKED_QKV_INIT = _xavier(0, (1, 2), scale=0.5)
+OUT_PROJ_INIT = _xavier((0, 1), 2)
+MLP_INIT = _xavier(0, 1)
+
+
 class MultiheadAttention(nn.Module):
     """torch.nn.MultiheadAttention (packed q/k/v with biases, out_proj) with optional add_bias_kv: a learned key
     and value vector appended to the projected keys/values of every sequence (key length + 1)."""
@@ -88,11 +103,10 @@ class MultiheadAttention(nn.Module):
         cfg = self.config
         kw = layers.dtypes(cfg)
         heads = (cfg.num_heads, cfg.head_dim)
-        q = layers.dense(heads, ("embed", "heads", "kv"), name="query", **kw)(x)
-        k = layers.dense(heads, ("embed", "heads", "kv"), name="key", **kw)(x)
-        v = layers.dense(heads, ("embed", "heads", "kv"), name="value", **kw)(x)
+        q, k, v = (layers.dense(heads, ("embed", "heads", "kv"), name=name, kernel_init=PACKED_QKV_INIT, **kw)(x)
+                   for name in ("query", "key", "value"))
         if cfg.add_bias_kv:
-            init = layers.param_init(layers.normal(), (None, None, None))
+            init = layers.param_init(layers.normal(cfg.width**-0.5), (None, None, None))
             param_dtype = layers.dtype_of(cfg.param_dtype)
             extra = [self.param(name, init, (1, 1, cfg.width), param_dtype) for name in ("bias_k", "bias_v")]
             batch = x.shape[0]
@@ -100,7 +114,7 @@ class MultiheadAttention(nn.Module):
             k = jnp.concatenate([k, extra[0]], axis=1)
             v = jnp.concatenate([v, extra[1]], axis=1)
         out = layers.attention(q, k, v)
-        return layers.dense(cfg.width, ("heads", "kv", "embed"), name="out_proj", num_in=2, **kw)(out)
+        return layers.dense(cfg.width, ("heads", "kv", "embed"), name="out_proj", num_in=2, kernel_init=OUT_PROJ_INIT, **kw)(out)
 
 
 class ImageBindBlock(nn.Module):
@@ -125,9 +139,9 @@ class ImageBindBlock(nn.Module):
         h = layers.layer_norm(cfg.layer_norm_eps, name="norm_1", **kw)(x)
         x = x + self._drop_path(MultiheadAttention(cfg, name="attn")(h), rate)
         h = layers.layer_norm(cfg.layer_norm_eps, name="norm_2", **kw)(x)
-        h = layers.dense(cfg.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(h)
+        h = layers.dense(cfg.mlp_dim, ("embed", "mlp"), name="fc1", kernel_init=MLP_INIT, **kw)(h)
         h = nn.gelu(h, approximate=False)
-        h = layers.dense(cfg.width, ("mlp", "embed"), name="fc2", **kw)(h)
+        h = layers.dense(cfg.width, ("mlp", "embed"), name="fc2", kernel_init=MLP_INIT, **kw)(h)
         x = x + self._drop_path(h, rate)
         return (nn.with_logical_constraint(x, layers.BATCH_LENGTH_EMBED), index + 1), None
 
@@ -158,7 +172,8 @@ class ImageBindTower(nn.Module):
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=layers.param_init(layers.normal(), (None,) * (len(cfg.kernel_size) + 1) + ("embed",)),
+            kernel_init=layers.param_init(layers.torch_linear_uniform(cfg.in_channels * math.prod(cfg.kernel_size)),
+                                          (None,) * (len(cfg.kernel_size) + 1) + ("embed",)),
             name="stem",
         )(x)
         tokens = patches.reshape(patches.shape[0], -1, cfg.width)
@@ -167,7 +182,8 @@ class ImageBindTower(nn.Module):
         scale = cfg.width**-0.5  # the original's "openclip" init: N(0, 1) × width^-1/2
         cls_token = self.param("cls_token", layers.param_init(layers.normal(scale), (None, None, "embed")),
                                (1, 1, cfg.width), param_dtype)
-        pos_embed = self.param("pos_embed", layers.param_init(layers.normal(scale), (None, None, "embed")),
+        pos_std = cfg.pos_embed_init_std or scale
+        pos_embed = self.param("pos_embed", layers.param_init(layers.normal(pos_std), (None, None, "embed")),
                                (1, cfg.num_patches + 1, cfg.width), param_dtype)
         batch = tokens.shape[0]
         cls = jnp.broadcast_to(jnp.asarray(cls_token, dtype), (batch, 1, cfg.width))
@@ -181,7 +197,8 @@ class ImageBindTower(nn.Module):
         )
         x, _ = blocks((x, jnp.zeros((), jnp.float32)))
         feature = layers.layer_norm(cfg.layer_norm_eps, name="head_norm", **kw)(x)[:, 0]
-        embedding = layers.dense(cfg.out_dim, ("embed", "qformer_embed"), name="head", use_bias=False, **kw)(feature)
+        embedding = layers.dense(cfg.out_dim, ("embed", "qformer_embed"), name="head", use_bias=False,
+                                 kernel_init=layers.torch_linear_uniform(cfg.width), **kw)(feature)
         embedding = embedding.astype(jnp.float32)
         # torch.nn.functional.normalize: x / max(||x||, 1e-12)
         embedding = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=-1, keepdims=True), 1e-12)

@@ -20,7 +20,7 @@ def make_greedy_generate(model: VideoLlama, prompt_length: int, max_new_tokens: 
                          audio_source: str = "frames"):
     """generate(params, media, input_ids) -> (B, max_new_tokens) greedy token ids, for prompts that fill the
     first `prompt_length` positions of `input_ids` (placeholders included); the rest is overwritten. `media` is
-    the batch's {"frames"} or {"audio"} array, read by `branch` as in training."""
+    the batch's media arrays ({"frames"}, {"audio"} or both), read by `branch` as in training."""
 
     def generate(params, media, input_ids):
         soft = model.apply({"params": params}, **model_inputs(media, branch, audio_source), method=VideoLlama.encode)
@@ -44,13 +44,13 @@ def _text_until(tokenizer, ids, stop: str) -> str:
 
 
 def caption_dataset(generate, params, batches, tokenizer, batch_shardings, prompt_length: int, stop: str = "\n",
-                    media_key: str = "frames"):
+                    media_keys: tuple[str, ...] = ("frames",)):
     """Run `generate` over every batch of a finite iterator (each process its own rows); returns
     (generated, reference) caption lists for the global batch order, identical on every process."""
     generated, reference = [], []
     for batch in batches:
-        inputs = {k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in (media_key, "input_ids")}
-        media = {media_key: inputs[media_key]}
+        inputs = {k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in (*media_keys, "input_ids")}
+        media = {k: inputs[k] for k in media_keys}
         tokens = multihost_utils.process_allgather(generate(params, media, inputs["input_ids"]), tiled=True)
         labels = multihost_utils.process_allgather(jax.make_array_from_process_local_data(batch_shardings["labels"], batch["labels"]), tiled=True)
         keep = multihost_utils.process_allgather(

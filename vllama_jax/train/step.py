@@ -39,26 +39,40 @@ def split_params(params: dict, trainable_names: tuple[str, ...]) -> tuple[dict, 
 
 # What each training branch reads from a batch (SPEC §3, §4): the visual stages feed the frames to the visual
 # branch; the audio stages feed them through ImageBind's vision tower to the audio branch ("frames", the paper's
-# way) or feed the clips' fbank to its audio tower ("fbank").
-BRANCHES = ("visual", "audio")
+# way) or feed the clips' fbank to its audio tower ("fbank"); "audio_visual" (the tiny demo's variant with
+# sound) trains both branches, frames to the visual one and fbank to the audio one.
+BRANCHES = ("visual", "audio", "audio_visual")
 AUDIO_SOURCES = ("frames", "fbank")
 
 
 def model_inputs(batch: dict, branch: str, audio_source: str = "frames") -> dict:
     """Keyword arguments of `VideoLlama.encode` / `__call__` for `branch`, taken from a batch."""
+    media_keys(branch, audio_source)  # validates the pair
     if branch == "visual":
         return {"frames": batch["frames"]}
-    if branch != "audio" or audio_source not in AUDIO_SOURCES:
-        raise ValueError(f"branch {branch!r} / audio_source {audio_source!r}: expected {BRANCHES} / {AUDIO_SOURCES}")
+    if branch == "audio_visual":
+        return {"frames": batch["frames"], "audio": batch["audio"], "audio_modality": "audio"}
     if audio_source == "frames":
         return {"frames": None, "audio": batch["frames"], "audio_modality": "vision"}
     return {"frames": None, "audio": batch["audio"], "audio_modality": "audio"}
 
 
+def media_keys(branch: str, audio_source: str = "frames") -> tuple[str, ...]:
+    """The batch's media arrays a branch reads."""
+    if branch not in BRANCHES or audio_source not in AUDIO_SOURCES:
+        raise ValueError(f"branch {branch!r} / audio_source {audio_source!r}: expected {BRANCHES} / {AUDIO_SOURCES}")
+    if branch == "audio_visual" and audio_source != "fbank":
+        raise ValueError("branch 'audio_visual' reads the frames and the audio track: set data.audio_source='fbank'")
+    if branch == "visual":
+        return ("frames",)
+    if branch == "audio":
+        return ("audio",) if audio_source == "fbank" else ("frames",)
+    return ("frames", "audio")
+
+
 def batch_keys(branch: str, audio_source: str = "frames") -> tuple[str, ...]:
     """The batch arrays a train step reads."""
-    media = "audio" if branch == "audio" and audio_source == "fbank" else "frames"
-    return (media, "input_ids", "padding_mask", "labels")
+    return (*media_keys(branch, audio_source), "input_ids", "padding_mask", "labels")
 
 
 def init_state(trainable, optimizer: optax.GradientTransformation, rng) -> TrainState:

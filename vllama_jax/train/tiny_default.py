@@ -22,14 +22,18 @@ from jax.experimental import multihost_utils
 
 from vllama_jax.config import model_config
 from vllama_jax.constants import IMAGE_PLACEHOLDER
-from vllama_jax.data.synthetic import MOTIONS, SHAPES, SYNTHETIC_COLORS, attribute_context, parse_caption, shapes_world
+from vllama_jax.data.synthetic import (ATTRIBUTES, SOUND_ATTRIBUTES, attribute_context, parse_caption,
+                                       shapes_world)
 from vllama_jax.data.tokenizer import load_tokenizer
 from vllama_jax.models.video_llama import TRAINABLE, VideoLlama, init_params
 from vllama_jax.train.checkpoints import save_params
 from vllama_jax.train.pretrain_llm import pretrain_llm, text_examples
 from vllama_jax.train.step import split_params
 
-CHANCE = {"color": 1 / len(SYNTHETIC_COLORS), "shape": 1 / len(SHAPES), "motion": 1 / len(MOTIONS)}
+def chance(sounds: bool = False) -> dict[str, float]:
+    """Accuracy of a uniform guess per scored attribute (colour, shape, motion; pitch and rhythm with sounds)."""
+    attributes = {**ATTRIBUTES, **(SOUND_ATTRIBUTES if sounds else {})}
+    return {name: 1 / len(values) for name, values in attributes.items()}
 
 
 def _captions(annotations: Path) -> list[str]:
@@ -46,7 +50,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, log=print) -> ml_c
                          "its own clips; point data.shards at a vllama-prepare output and data.tokenizer at a tokenizer")
     config = ml_collections.ConfigDict(config.to_dict())
     sizes = dict(num_train=config.data.synthetic_clips, num_eval=config.data.synthetic_eval_clips,
-                 vocab_size=config.model.llm.vocab_size, seed=config.seed)
+                 vocab_size=config.model.llm.vocab_size, seed=config.seed, sounds=config.data.synthetic_sounds)
     if jax.process_index() == 0:
         shapes_world(workdir, **sizes)
     multihost_utils.sync_global_devices("tiny default data written")
@@ -80,13 +84,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, log=print) -> ml_c
     return config
 
 
-def attribute_accuracy(predicted: list[str], truth: list[str]) -> dict[str, float]:
-    """Per-attribute accuracy of generated captions against the reference captions, and all three right."""
-    scores = {name: 0 for name in CHANCE}
+def attribute_accuracy(predicted: list[str], truth: list[str], sounds: bool = False) -> dict[str, float]:
+    """Per-attribute accuracy of generated captions against the reference captions, and all of them right."""
+    names = chance(sounds)
+    scores = {name: 0 for name in names}
     scores["all"] = 0
     for guess, answer in zip(predicted, truth):
         got, want = parse_caption(guess), parse_caption(answer)
-        right = {name: got[name] == want[name] for name in CHANCE}
+        right = {name: got[name] == want[name] for name in names}
         for name, ok in right.items():
             scores[name] += ok
         scores["all"] += all(right.values())

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from vllama_jax import sharding
 from vllama_jax.config import model_config
-from vllama_jax.constants import IMAGE_PLACEHOLDER
+from vllama_jax.constants import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from vllama_jax.data.pipeline import PipelineConfig, make_dataset, reason_counts
 from vllama_jax.data.prepare import shard_paths
 from vllama_jax.data.tokenizer import load_tokenizer
@@ -34,7 +34,7 @@ from vllama_jax.train import reporting, tiny_default
 from vllama_jax.train.checkpoints import restore_params
 from vllama_jax.train.evaluate import caption_dataset, make_greedy_generate
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
-from vllama_jax.train.step import batch_keys, init_state, make_train_step, split_params
+from vllama_jax.train.step import batch_keys, init_state, make_train_step, media_keys, split_params
 
 def _size(tree) -> tuple[int, int]:
     leaves = jax.tree_util.tree_leaves(unboxed(tree))
@@ -119,10 +119,14 @@ def train(config, workdir: str | Path, log=print) -> dict:
     branch, audio_source = train_cfg.branch, config.data.audio_source
     trainable_names = TRAINABLE[branch]
     model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
-    num_soft_tokens = model_cfg.num_video_query_tokens
+    num_soft_tokens, prompts = model_cfg.num_video_query_tokens, ()
     if branch == "audio":  # the original's audio stages put their 8 soft tokens at <ImageHere> placeholders too
         model_cfg = dataclasses.replace(model_cfg, audio_token_id=model_cfg.image_token_id)
         num_soft_tokens = model_cfg.num_audio_query_tokens
+    elif branch == "audio_visual":  # [BOS] + audio block + video block + caption (the demo's order)
+        model_cfg = dataclasses.replace(model_cfg, audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER))
+        prompts = (AUDIO_PLACEHOLDER * model_cfg.num_audio_query_tokens + IMAGE_PLACEHOLDER,)
+    placeholders = num_soft_tokens + (model_cfg.num_audio_query_tokens if prompts else 0)
     pipeline_cfg = PipelineConfig(
         batch_size=config.batch_size // jax.process_count(),
         image_size=model_cfg.vision.image_size,
@@ -130,12 +134,13 @@ def train(config, workdir: str | Path, log=print) -> dict:
         frame_sampling=config.data.frame_sampling,
         num_soft_tokens=num_soft_tokens,
         image_token_id=model_cfg.image_token_id,
-        text_length=1 + num_soft_tokens + config.data.max_txt_len,
+        text_length=1 + placeholders + config.data.max_txt_len,
+        prompts=prompts,
         max_txt_len=config.data.max_txt_len,
         end_sym=config.data.end_sym,
         seed=config.seed,
         worker_count=config.data.get("worker_count", 0),
-        with_audio=branch == "audio" and audio_source == "fbank",
+        with_audio="audio" in media_keys(branch, audio_source),
         clips_per_video=config.data.clips_per_video,
     )
     iterator = iter(make_dataset(shards, pipeline_cfg, tokenizer))
@@ -257,21 +262,23 @@ def evaluate(config, model, params, tokenizer, pipeline_cfg, mesh, rules, workdi
     eval_cfg = dataclasses.replace(pipeline_cfg, batch_size=batch_size // jax.process_count(), train=False,
                                    frame_sampling="uniform", num_epochs=1, worker_count=0)
     batches = make_dataset(shard_paths(config.data.eval_shards), eval_cfg, tokenizer)
-    media_key = batch_keys(config.train.branch, config.data.audio_source)[0]
-    shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in ((media_key, 5), ("input_ids", 2), ("labels", 2), ("example_mask", 1))}
-    prompt_length = 1 + pipeline_cfg.num_soft_tokens  # stage 1's bare layout: [BOS] + soft tokens
+    media = media_keys(config.train.branch, config.data.audio_source)
+    shapes = (*((k, 5) for k in media), ("input_ids", 2), ("labels", 2), ("example_mask", 1))
+    shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in shapes}
+    prompt_length = pipeline_cfg.text_length - pipeline_cfg.max_txt_len  # stage 1's layout: [BOS] + placeholders
     generate = jax.jit(make_greedy_generate(model, prompt_length, config.eval.max_new_tokens, config.train.branch,
                                             config.data.audio_source))
     started = time.perf_counter()
     generated, reference = caption_dataset(generate, params, batches, tokenizer, shardings, prompt_length,
-                                           config.data.end_sym, media_key)
+                                           config.data.end_sym, media)
     result = {"clips": len(reference), "seconds": round(time.perf_counter() - started, 2)}
     if config.eval.score == "shape_attributes":
-        result["attribute_accuracy"] = tiny_default.attribute_accuracy(generated, reference)
-        result["chance"] = tiny_default.CHANCE
+        sounds = config.data.synthetic_sounds
+        result["attribute_accuracy"] = tiny_default.attribute_accuracy(generated, reference, sounds)
+        result["chance"] = tiny_default.chance(sounds)
         accuracy = result["attribute_accuracy"]
         log("held-out caption accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items())
-            + " (chance: " + ", ".join(f"{k} {v:.0%}" for k, v in tiny_default.CHANCE.items()) + ")")
+            + " (chance: " + ", ".join(f"{k} {v:.0%}" for k, v in result["chance"].items()) + ")")
     if jax.process_index() == 0:
         samples = [{"generated": g, "reference": r} for g, r in zip(generated, reference)]
         (workdir / "eval.json").write_text(json.dumps({**result, "samples": samples}, indent=1) + "\n")
