@@ -255,9 +255,10 @@ from vllama_jax.config import load_config
 
 
 def get_config(arg=""):
-    """tiny,audio_stage1 with ImageBind's vision tower at the 224 px the original code fixes."""
+    """tiny,audio_stage1 sized like tests/imagebind_reference.py (vision at the 224 px the original code fixes)."""
     config = load_config("{repo}/configs/video_llama.py:tiny,audio_stage1")
     config.model.imagebind_vision.input_size = (224, 224)
+    config.model.imagebind_audio.width, config.model.imagebind_audio.mlp_dim = 32, 128  # the reference's sizes
     config.model.num_audio_query_tokens = 8
     return config
 '''
