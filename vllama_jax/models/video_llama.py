@@ -108,37 +108,12 @@ class VideoLlama(nn.Module):
         self.visual_encoder = EvaVisionTransformer(cfg.vision)
         self.ln_vision = ln_vision(cfg.vision, name=None)
         self.Qformer = QFormer(cfg.qformer)
-        self.query_tokens = self.param(
-            "query_tokens",
-            layers.param_init(layers.normal(), (None, None, "embed")),
-            (1, cfg.num_query_tokens, qformer_width),
-            param_dtype,
-        )
-        # nn.Embedding in the original, so PyTorch's default N(0, 1) init (BERT's init does not reach it).
-        self.video_frame_position_embedding = nn.Embed(
-            cfg.max_frame_pos,
-            qformer_width,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=layers.param_init(jax.nn.initializers.normal(1.0), (None, "embed")),
-        )
+        self.query_tokens = self._query_tokens("query_tokens", cfg.num_query_tokens, qformer_width)
+        self.video_frame_position_embedding = _position_embedding(cfg.max_frame_pos, qformer_width, dtype, param_dtype)
         self.video_Qformer = QFormer(cfg.video_qformer)
-        self.video_query_tokens = self.param(
-            "video_query_tokens",
-            layers.param_init(layers.normal(), (None, None, "embed")),
-            (1, cfg.num_video_query_tokens, cfg.video_qformer.hidden_size),
-            param_dtype,
-        )
-        fan_in = cfg.video_qformer.hidden_size
-        self.llama_proj = layers.dense(
-            cfg.llm.hidden_size,
-            ("qformer_embed", "embed"),
-            name=None,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=layers.torch_linear_uniform(fan_in),
-            bias_init=layers.torch_linear_uniform(fan_in),
-        )
+        self.video_query_tokens = self._query_tokens(
+            "video_query_tokens", cfg.num_video_query_tokens, cfg.video_qformer.hidden_size)
+        self.llama_proj = _projection(cfg.video_qformer.hidden_size, cfg.llm.hidden_size, dtype, param_dtype)
         self.llama_model = LlamaForCausalLM(cfg.llm)
         if cfg.equip_audio_branch:
             self._setup_audio_branch(dtype, param_dtype)
@@ -153,30 +128,16 @@ class VideoLlama(nn.Module):
                 f"audio_qformer.encoder_width ({cfg.audio_qformer.encoder_width}) must agree"
             )
         self.audio_encoder = ImageBindEncoder(cfg.imagebind_audio, cfg.imagebind_vision)
-        self.audio_position_embedding = nn.Embed(
-            cfg.max_audio_pos,
-            embed_dim,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=layers.param_init(jax.nn.initializers.normal(1.0), (None, "embed")),
-        )
+        self.audio_position_embedding = _position_embedding(cfg.max_audio_pos, embed_dim, dtype, param_dtype)
         self.audio_Qformer = QFormer(cfg.audio_qformer)
-        self.audio_query_tokens = self.param(
-            "audio_query_tokens",
-            layers.param_init(layers.normal(), (None, None, "embed")),
-            (1, cfg.num_audio_query_tokens, cfg.audio_qformer.hidden_size),
-            param_dtype,
-        )
-        fan_in = cfg.audio_qformer.hidden_size
-        self.audio_llama_proj = layers.dense(
-            cfg.llm.hidden_size,
-            ("qformer_embed", "embed"),
-            name=None,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=layers.torch_linear_uniform(fan_in),
-            bias_init=layers.torch_linear_uniform(fan_in),
-        )
+        self.audio_query_tokens = self._query_tokens(
+            "audio_query_tokens", cfg.num_audio_query_tokens, cfg.audio_qformer.hidden_size)
+        self.audio_llama_proj = _projection(cfg.audio_qformer.hidden_size, cfg.llm.hidden_size, dtype, param_dtype)
+
+    def _query_tokens(self, name: str, count: int, width: int):
+        """Learned Q-Former queries (1, count, width), N(0, 0.02) as BERT's initializer_range."""
+        init = layers.param_init(layers.normal(), (None, None, "embed"))
+        return self.param(name, init, (1, count, width), layers.dtype_of(self.config.param_dtype))
 
     def encode_video(self, frames, deterministic: bool = True):
         """frames (B, T, H, W, 3), CLIP-normalised -> soft tokens (B, num_video_query_tokens, LLM hidden)."""
@@ -257,6 +218,19 @@ class VideoLlama(nn.Module):
         if audio_frames is not None:
             self.audio_encoder(audio_frames, "vision")
         return out
+
+
+def _position_embedding(count: int, width: int, dtype, param_dtype) -> nn.Embed:
+    """nn.Embedding in the original, so PyTorch's default N(0, 1) init (BERT's init does not reach it)."""
+    init = layers.param_init(jax.nn.initializers.normal(1.0), (None, "embed"))
+    return nn.Embed(count, width, dtype=dtype, param_dtype=param_dtype, embedding_init=init)
+
+
+def _projection(in_width: int, out_width: int, dtype, param_dtype):
+    """A Q-Former → LLM projection (nn.Linear in the original, with its default uniform init)."""
+    init = layers.torch_linear_uniform(in_width)
+    return layers.dense(out_width, ("qformer_embed", "embed"), name=None, dtype=dtype, param_dtype=param_dtype,
+                        kernel_init=init, bias_init=init)
 
 
 def init_inputs(config: VideoLlamaConfig, frame_size: int | None = None) -> dict:
