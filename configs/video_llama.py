@@ -12,7 +12,6 @@ import dataclasses
 
 import ml_collections
 
-from vllama_jax.models.eva_vit import EvaVitConfig
 from vllama_jax.models.llama import LlamaConfig
 from vllama_jax.models.video_llama import VideoLlamaConfig
 from vllama_jax.sharding import DEFAULT_RULES

@@ -36,6 +36,7 @@ from vllama_jax.train.evaluate import caption_dataset, make_greedy_generate
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
 from vllama_jax.train.step import batch_keys, init_state, make_train_step, media_keys, split_params
 
+
 def _size(tree) -> tuple[int, int]:
     leaves = jax.tree_util.tree_leaves(unboxed(tree))
     return sum(int(np.prod(x.shape)) for x in leaves), sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
