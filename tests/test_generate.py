@@ -175,3 +175,16 @@ def test_sampling_is_seeded_and_follows_top_k(pair):
 def test_prompt_positions_count_only_real_tokens():
     mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
     np.testing.assert_array_equal(prompt_positions(jnp.asarray(mask)), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+
+
+def test_streaming_yields_the_generated_tokens(pair):
+    from vllama_jax.infer.generate import stream
+
+    _, model, params = pair
+    cfg = GenerationConfig(max_new_tokens=10)
+    expected, _ = ours(model, params, PROMPTS, cfg)
+    ids, mask = left_padded(PROMPTS)
+    embeds = model.apply({"params": params}, jnp.asarray(ids), method=LlamaForCausalLM.embed)
+    steps = np.stack([np.asarray(t) for t in stream(model, params, embeds, jnp.asarray(mask), cfg)], axis=1)
+    for row, tokens in enumerate(expected):
+        assert list(steps[row, : len(tokens)]) == tokens

@@ -15,6 +15,7 @@ after `max_new_tokens`; the tokens after it are `pad_token_id`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -116,15 +117,9 @@ def _prompt_seen(prompt_ids, prompt_mask, vocab: int):
     return jnp.any(hits, axis=1)
 
 
-def generate(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: GenerationConfig, rng=None,
-             *, prompt_ids=None, return_logits: bool = False) -> Generated:
-    """Generate after left-padded prompt embeddings (B, P, hidden) with mask (B, P); jit it with `cfg` static.
-
-    `params` are the LLM's (Video-LLaMA's `params["llama_model"]`). `rng` is needed only when sampling.
-    `prompt_ids` (B, P), when given, count as seen for the repetition penalty (placeholders included).
-    """
-    if cfg.num_beams > 1:
-        return beam_search(llm, params, prompt_embeds, prompt_mask, cfg, rng, prompt_ids=prompt_ids)
+def start(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: GenerationConfig, rng=None,
+          *, prompt_ids=None, return_logits: bool = False) -> dict:
+    """Prefill: the decoding state after the prompt (cache filled, first token's logits ready)."""
     if cfg.do_sample and rng is None:
         raise ValueError("sampling (do_sample=True) needs an rng key")
     batch, prompt_len = prompt_mask.shape
@@ -133,7 +128,7 @@ def generate(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: Gen
     positions = prompt_positions(prompt_mask)
     logits, cache = _llm_step(llm, params, cache, prompt_embeds, prompt_mask, positions)
     vocab = logits.shape[-1]
-    state = dict(
+    return dict(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
         logits=logits.astype(jnp.float32),
@@ -146,31 +141,76 @@ def generate(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: Gen
         all_logits=jnp.zeros((batch, steps, vocab) if return_logits else (0,), jnp.float32),
     )
 
-    def keep_going(s):
-        return (s["step"] < steps) & ~jnp.all(s["done"])
 
-    def one_token(s):
-        step = s["step"]
-        scores = process_logits(s["logits"], s["seen"], step, cfg)
-        rng, key = jax.random.split(s["rng"])
-        if cfg.do_sample:
-            token = jax.random.categorical(key, warp_logits(scores, cfg), axis=-1)
-        else:
-            token = jnp.argmax(scores, axis=-1)
-        token = jnp.where(s["done"], cfg.pad_token_id, token).astype(jnp.int32)
-        tokens = s["tokens"].at[:, step].set(token)
-        lengths = s["lengths"] + (~s["done"]).astype(jnp.int32)
-        done = s["done"] | _hits_stop(tokens, step, token, cfg)
-        seen = s["seen"] | (jax.nn.one_hot(token, vocab, dtype=bool) & ~s["done"][:, None])
-        all_logits = s["all_logits"].at[:, step].set(s["logits"]) if return_logits else s["all_logits"]
-        embeds = _embed(llm, params, token[:, None])
-        ones = jnp.ones((batch, 1), bool)
-        logits, cache = _llm_step(llm, params, s["cache"], embeds, ones, s["next_position"][:, None])
-        return dict(step=step + 1, cache=cache, logits=logits.astype(jnp.float32), tokens=tokens, done=done,
-                    lengths=lengths, seen=seen, next_position=s["next_position"] + 1, rng=rng, all_logits=all_logits)
+def unfinished(state, cfg: GenerationConfig):
+    return (state["step"] < cfg.max_new_tokens) & ~jnp.all(state["done"])
 
-    state = jax.lax.while_loop(keep_going, one_token, state)
+
+def advance(llm: LlamaForCausalLM, params, state: dict, cfg: GenerationConfig, *, return_logits: bool = False) -> dict:
+    """Choose every row's next token, then feed it through the cached decoder (one token per row)."""
+    step, batch = state["step"], state["done"].shape[0]
+    vocab = state["logits"].shape[-1]
+    scores = process_logits(state["logits"], state["seen"], step, cfg)
+    rng, key = jax.random.split(state["rng"])
+    if cfg.do_sample:
+        token = jax.random.categorical(key, warp_logits(scores, cfg), axis=-1)
+    else:
+        token = jnp.argmax(scores, axis=-1)
+    token = jnp.where(state["done"], cfg.pad_token_id, token).astype(jnp.int32)
+    tokens = state["tokens"].at[:, step].set(token)
+    all_logits = state["all_logits"].at[:, step].set(state["logits"]) if return_logits else state["all_logits"]
+    logits, cache = _llm_step(llm, params, state["cache"], _embed(llm, params, token[:, None]),
+                              jnp.ones((batch, 1), bool), state["next_position"][:, None])
+    return dict(
+        step=step + 1,
+        cache=cache,
+        logits=logits.astype(jnp.float32),
+        tokens=tokens,
+        done=state["done"] | _hits_stop(tokens, step, token, cfg),
+        lengths=state["lengths"] + (~state["done"]).astype(jnp.int32),
+        seen=state["seen"] | (jax.nn.one_hot(token, vocab, dtype=bool) & ~state["done"][:, None]),
+        next_position=state["next_position"] + 1,
+        rng=rng,
+        all_logits=all_logits,
+    )
+
+
+def generate(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: GenerationConfig, rng=None,
+             *, prompt_ids=None, return_logits: bool = False) -> Generated:
+    """Generate after left-padded prompt embeddings (B, P, hidden) with mask (B, P); jit it with `cfg` static.
+
+    `params` are the LLM's (Video-LLaMA's `params["llama_model"]`). `rng` is needed only when sampling.
+    `prompt_ids` (B, P), when given, count as seen for the repetition penalty (placeholders included).
+    """
+    if cfg.num_beams > 1:
+        return beam_search(llm, params, prompt_embeds, prompt_mask, cfg, rng, prompt_ids=prompt_ids)
+    state = start(llm, params, prompt_embeds, prompt_mask, cfg, rng, prompt_ids=prompt_ids, return_logits=return_logits)
+    state = jax.lax.while_loop(lambda s: unfinished(s, cfg),
+                               lambda s: advance(llm, params, s, cfg, return_logits=return_logits), state)
     return Generated(state["tokens"], state["lengths"], None, state["all_logits"] if return_logits else None)
+
+
+def stream(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: GenerationConfig, rng=None):
+    """The same decoding one token at a time for a terminal: yields each step's (B,) tokens as they come (pad
+    for rows that have stopped). Prefill and step are jitted once per shape; sampling and beams as `generate`
+    except that beam search does not stream (its best hypothesis is known only at the end)."""
+    if cfg.num_beams > 1:
+        raise ValueError("beam search cannot stream: use generate()")
+    state = _jitted_start(llm, cfg)(params, prompt_embeds, prompt_mask, rng)
+    step = _jitted_advance(llm, cfg)
+    while bool(unfinished(state, cfg)):
+        state = step(params, state)
+        yield state["tokens"][:, int(state["step"]) - 1]
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_start(llm, cfg):
+    return jax.jit(lambda params, embeds, mask, rng: start(llm, params, embeds, mask, cfg, rng))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_advance(llm, cfg):
+    return jax.jit(lambda params, state: advance(llm, params, state, cfg), donate_argnums=1)
 
 
 def _reorder_cache(cache, rows, scanned: bool):
