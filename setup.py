@@ -40,6 +40,8 @@ setup(
             "vllama-prepare=vllama_jax.data.prepare:main",
             "vllama-train=vllama_jax.train.main:cli",
             "vllama-convert=vllama_jax.convert.main:cli",
+            "vllama-chat=vllama_jax.infer.chat:cli",
+            "vllama-caption=vllama_jax.infer.caption:cli",
         ],
     },
 )

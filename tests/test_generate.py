@@ -188,3 +188,12 @@ def test_streaming_yields_the_generated_tokens(pair):
     steps = np.stack([np.asarray(t) for t in stream(model, params, embeds, jnp.asarray(mask), cfg)], axis=1)
     for row, tokens in enumerate(expected):
         assert list(steps[row, : len(tokens)]) == tokens
+
+
+def test_benchmark_quick_mode_checks_tokens_and_reports_ratios(capsys):
+    from vllama_jax.infer import benchmark
+
+    results = benchmark.main(["--quick"])
+    assert [r["batch"] for r in results] == [1, 4]
+    assert all(r["same_tokens"] and r["decode_speedup"] > 0 and r["prefill_speedup"] > 0 for r in results)
+    assert "| tiny |" in capsys.readouterr().out

@@ -1,0 +1,187 @@
+"""A trained Video-LLaMA ready to answer: config → tokenizer → sharded parameters → jitted generation.
+
+`load_session(config, ckpt)` reads what training wrote: the frozen weights from `train.frozen_checkpoint` (or
+`<ckpt>/frozen`, where the tiny default writes them), the trainable glue from the newest checkpoint of the run
+directory `ckpt` (or from a `vllama-convert import --part trainable` output), the tokenizer from
+`data.tokenizer` (or `<ckpt>/tokenizer`). Every array is restored straight into its sharding on the config's
+mesh, by the same logical-axis rules as training, so a 13B model is served across the devices of a slice.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vllama_jax import sharding
+from vllama_jax.config import model_config
+from vllama_jax.constants import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
+from vllama_jax.data import audio, video
+from vllama_jax.data.tokenizer import load_tokenizer
+from vllama_jax.infer.generate import GenerationConfig, Generated, generate, video_llama_prompt
+from vllama_jax.models.llama import LlamaForCausalLM
+from vllama_jax.models.video_llama import TRAINABLE, VideoLlama, init_params
+from vllama_jax.train.checkpoints import restore_params
+from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
+from vllama_jax.train.step import init_state, split_params
+from vllama_jax.train.trainer import restore_trainable, unboxed
+
+
+@dataclasses.dataclass
+class Session:
+    config: object
+    model: VideoLlama
+    params: dict
+    tokenizer: object
+    mesh: object
+    rules: list
+
+    @property
+    def num_frames(self) -> int:
+        return self.config.data.num_frames
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision.image_size
+
+    def placeholder_counts(self) -> dict[str, int]:
+        cfg = self.model.config
+        return {IMAGE_PLACEHOLDER: cfg.num_video_query_tokens, AUDIO_PLACEHOLDER: cfg.num_audio_query_tokens}
+
+    def generation_config(self, **overrides) -> GenerationConfig:
+        """The tokenizer's EOS and pad ids filled in."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.unk_token_id
+        return GenerationConfig(**{"eos_token_id": tok.eos_token_id, "pad_token_id": pad, **overrides})
+
+    def generate(self, input_ids, padding_mask, frames=None, audio=None, cfg: GenerationConfig | None = None,
+                 rng=None) -> Generated:
+        """Answer a batch of left-padded prompts whose placeholders the media fill (numpy in, device arrays out)."""
+        cfg = cfg or self.generation_config()
+        run = _compiled(self.model, cfg, frames is not None, audio is not None)
+        batch = input_ids.shape[0]
+        inputs = [None if x is None else self._put(np.asarray(x), batch) for x in (frames, audio, input_ids, padding_mask)]
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return run(self.params, *inputs, rng)
+
+    def _put(self, x, batch: int):
+        """Batch-sharded over (data, fsdp) when the batch divides, else replicated (a single chat request)."""
+        spec = sharding.batch_sharding(self.mesh, x.ndim, self.rules)
+        ways = int(np.prod([self.mesh.shape[a] for a in _axes(spec.spec[0])]))
+        return jax.device_put(x, spec if batch % ways == 0 else NamedSharding(self.mesh, PartitionSpec()))
+
+
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(model: VideoLlama, cfg: GenerationConfig, with_frames: bool, with_audio: bool):
+    key = (model, cfg, with_frames, with_audio)
+    if key not in _COMPILED:
+        llm = LlamaForCausalLM(model.config.llm)
+
+        def run(params, frames, audio_clips, input_ids, padding_mask, rng):
+            embeds, mask = video_llama_prompt(model, params, input_ids, padding_mask, frames, audio_clips, "audio")
+            return generate(llm, params["llama_model"], embeds, mask, cfg, rng)
+
+        _COMPILED[key] = jax.jit(run)
+    return _COMPILED[key]
+
+
+def _ckpt_file(ckpt: Path | None, name: str) -> str:
+    if ckpt is not None and (ckpt / name).exists():
+        return str(ckpt / name)
+    return ""
+
+
+def load_session(config, ckpt: str | None = None, log=print) -> Session:
+    """Build the model of `config` and read its weights (see the module docstring)."""
+    ckpt_dir = Path(ckpt) if ckpt else None
+    if ckpt_dir is not None and not ckpt_dir.exists():
+        raise FileNotFoundError(f"--ckpt {ckpt_dir} does not exist")
+    tokenizer_dir = config.data.tokenizer or _ckpt_file(ckpt_dir, "tokenizer")
+    if not tokenizer_dir:
+        raise FileNotFoundError("no tokenizer: set data.tokenizer or pass a run directory holding tokenizer/")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+                                    audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER))
+    model = VideoLlama(model_cfg)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rules = [tuple(r) for r in config.logical_axis_rules]
+    trainable_names = TRAINABLE[config.train.branch]
+    init = lambda: init_params(model, jax.random.PRNGKey(config.seed), frame_size=model_cfg.vision.image_size)  # noqa: E731
+    boxed = jax.eval_shape(init)
+    boxed_trainable, boxed_frozen = split_params(boxed, trainable_names)
+    frozen_shardings = sharding.mesh_shardings(boxed_frozen, mesh, rules)
+    trainable_shardings = sharding.mesh_shardings(boxed_trainable, mesh, rules)
+    frozen_dir = config.train.frozen_checkpoint or _ckpt_file(ckpt_dir, "frozen")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if frozen_dir:
+            frozen = restore_params(frozen_dir, unboxed(boxed_frozen), frozen_shardings)
+        else:
+            log("frozen weights: random from the seed (no train.frozen_checkpoint and no <ckpt>/frozen)")
+            frozen = jax.jit(lambda: split_params(nn.unbox(init()), trainable_names)[1], out_shardings=frozen_shardings)()
+        if ckpt_dir is not None:  # a run directory (its newest checkpoint) or a trainable-parameter checkpoint
+            optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
+            make_state = lambda t: init_state(t, optimizer, jax.random.PRNGKey(0))  # noqa: E731
+            abstract_state = jax.eval_shape(make_state, boxed_trainable)
+            state_shardings = sharding.mesh_shardings(abstract_state, mesh, rules)
+            trainable = restore_trainable(str(ckpt_dir), unboxed(abstract_state), state_shardings)
+        else:
+            log("trainable weights: random from the seed (no checkpoint given)")
+            trainable = jax.jit(lambda: split_params(nn.unbox(init()), trainable_names)[0],
+                                out_shardings=trainable_shardings)()
+    return Session(config, model, {**frozen, **trainable}, tokenizer, mesh, rules)
+
+
+# ---- media, as the original demo reads it ----
+
+def video_frames(path: str | Path, num_frames: int, image_size: int) -> tuple[np.ndarray, list[float]]:
+    """Uniformly sampled frames (T, S, S, 3), eval-normalised, and their times in seconds (for the prompt)."""
+    indices, real = video.sample_indices_padded(video.count_frames(path), num_frames, "uniform")
+    frames, fps = video.read_frames_seeking(str(path), indices, image_size)
+    return video.normalize(frames), [float(i) / (fps or 1.0) for i in indices[:real]]
+
+
+def image_frames(path: str | Path, image_size: int) -> np.ndarray:
+    """An image as a one-frame video (1, S, S, 3): the original encodes images with T = 1."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from err
+    return video.eval_transform(pixels[None], image_size)
+
+
+def audio_clips(path: str | Path, clips_per_video: int = 8) -> np.ndarray:
+    """The video's audio track as fbank clips (clips, 1, mel, frames); an error when it has none."""
+    clips, has_audio = audio.load_audio_clips(str(path), clips_per_video, name=str(path))
+    if not has_audio:
+        raise ValueError(f"{path}: no audio track to listen to (drop --audio)")
+    return clips
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    length = max(len(r) for r in rows)
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = row
+        mask[i, length - len(row):] = True
+    return ids, mask
+
+
+def decode_tokens(tokenizer, tokens, length: int) -> str:
+    return tokenizer.decode([int(t) for t in np.asarray(tokens)[:length]], skip_special_tokens=True)
+
