@@ -197,3 +197,18 @@ def test_benchmark_quick_mode_checks_tokens_and_reports_ratios(capsys):
     assert [r["batch"] for r in results] == [1, 4]
     assert all(r["same_tokens"] and r["decode_speedup"] > 0 and r["prefill_speedup"] > 0 for r in results)
     assert "| tiny |" in capsys.readouterr().out
+
+
+def test_unstacked_scanned_parameters_decode_the_same(pair):
+    """Sessions decode per layer: scanned parameters are unstacked (infer/session.py) and give the same tokens."""
+    import dataclasses
+
+    from vllama_jax.infer.session import unstack_decoder
+
+    _, model, params = pair
+    if not model.config.scan_layers:
+        pytest.skip("needs the scanned layout")
+    per_layer = LlamaForCausalLM(dataclasses.replace(model.config, scan_layers=False))
+    unstacked = unstack_decoder(params, model.config.num_layers)
+    cfg = GenerationConfig(max_new_tokens=10)
+    assert ours(per_layer, unstacked, PROMPTS, cfg)[0] == ours(model, params, PROMPTS, cfg)[0]

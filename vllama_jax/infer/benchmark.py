@@ -74,10 +74,10 @@ def _median_seconds(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def measure(name: str, batch: int, prompt: int, new_tokens: int, repeats: int) -> dict:
+def measure(name: str, batch: int, prompt: int, new_tokens: int, repeats: int, scan: bool = False) -> dict:
     import torch
 
-    cfg = LlamaConfig(**CONFIGS[name], scan_layers=True)
+    cfg = LlamaConfig(**CONFIGS[name], scan_layers=scan)
     hf = torch_llama(cfg)
     params = converted_params(hf, cfg)
     model = LlamaForCausalLM(cfg)
@@ -130,6 +130,8 @@ def measure(name: str, batch: int, prompt: int, new_tokens: int, repeats: int) -
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny config only, 16 tokens, 2 repeats")
+    parser.add_argument("--scan", action="store_true", help="decode with scanned layers (the training layout; slower: "
+                        "its KV cache moves through the scan every token) instead of per-layer ones (what vllama-chat uses)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     import torch
@@ -141,12 +143,12 @@ def main(argv=None) -> list[dict]:
         runs = [(n, b, 128, 64, 3) for n in ("tiny", "small") for b in (1, 8)]
     print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} "
           f"device(s); jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}")
+          f"transformers {transformers.__version__}; our layers {'scanned' if args.scan else 'per layer'}")
     print("| config | params | batch | prompt | new | same tokens | prefill ms ours / theirs | decode tok/s ours / theirs | prefill × | decode × |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for name, batch, prompt, new_tokens, repeats in runs:
-        r = measure(name, batch, prompt, new_tokens, repeats)
+        r = measure(name, batch, prompt, new_tokens, repeats, args.scan)
         results.append(r)
         print(f"| {name} | {r['parameters']:,} | {batch} | {prompt} | {new_tokens} | {r['same_tokens']} | "
               f"{r['prefill_ms']['ours']} / {r['prefill_ms']['transformers']} | "

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vllama_jax.infer import chat_prompt
-from vllama_jax.infer.generate import DEMO, stream
+from vllama_jax.infer.generate import DEMO
 from vllama_jax.infer.session import Session, audio_clips, decode_tokens, image_frames, load_session, video_frames
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/video_llama.py:tiny", "model / data / mesh config")
@@ -84,22 +84,18 @@ class Chat:
 
     def ask_streaming(self, question: str, write=sys.stdout.write) -> str:
         """Answer token by token, writing the text as it grows; returns the post-processed answer."""
-        from vllama_jax.infer.generate import video_llama_prompt
-        from vllama_jax.models.llama import LlamaForCausalLM
-
-        ids, mask = self._prompt(question)
         cfg, end = self._cfg()
         if cfg.num_beams > 1:  # beams cannot stream: their best hypothesis is known only at the end
             answer = self.ask(question)["answer"]
             write(answer + "\n")
             return answer
+        ids, mask = self._prompt(question)
         session = self.session
-        embeds, mask = jax.jit(lambda p, f, a, i, m: video_llama_prompt(session.model, p, i, m, f, a))(
-            session.params, self.frames[None], None if self.clips is None else self.clips[None], ids, mask)
+        embeds, mask = session.prompt_embeddings(ids, mask, self.frames[None],
+                                                 None if self.clips is None else self.clips[None])
         self.rng, key = jax.random.split(self.rng)
         tokens, shown = [], ""
-        llm = LlamaForCausalLM(session.model.config.llm)
-        for step_tokens in stream(llm, session.params["llama_model"], embeds, mask, cfg, key):
+        for step_tokens in session.stream(embeds, mask, cfg, key):
             tokens.append(int(step_tokens[0]))
             text = session.tokenizer.decode(tokens, skip_special_tokens=True)
             visible = chat_prompt.answer_text(self.template, text, end)  # what the answer is so far
