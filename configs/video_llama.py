@@ -108,6 +108,8 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
         frame_sampling=recipe["frame_sampling"],
         max_txt_len=recipe["max_txt_len"],
         end_sym=recipe["end_sym"],
+        # stage 2's conversation format, as the original's model_type: LLaMA-2-chat models use [INST], the rest ###
+        template="llama_2" if name.startswith("llama2") else "vicuna",
         tokenizer="",  # a local Hugging Face tokenizer directory (LLaMA's, for the real models)
         # vllama-prepare output folders, comma-separated, mixed by one global shuffle; empty = the tiny default
         shards="",

@@ -20,7 +20,7 @@ from absl import flags
 import numpy as np
 
 from vllama_jax.constants import IGNORE_INDEX
-from vllama_jax.data import audio, records, text, video
+from vllama_jax.data import audio, conversation, records, text, video
 
 # skip_reason codes (0 = a usable example)
 SKIP_REASONS = {
@@ -50,6 +50,7 @@ class PipelineConfig:
     text_length: int = 1 + 32 + 32  # BOS + soft tokens + max_txt_len for captions
     max_txt_len: int = 32
     end_sym: str = "\n"
+    template: str = "vicuna"  # stage 2's conversation format: "vicuna" (###) or "llama_2" ([INST]); conversation.py
     # Caption prompts (each holding one <ImageHere>), one drawn per example; empty = stage 1's bare layout.
     prompts: tuple[str, ...] = ()
     with_audio: bool = False
@@ -144,8 +145,12 @@ class ExampleBuilder(grain.transforms.RandomMap):
                 turns = [{"from": t["from"].decode("utf-8"), "value": t["value"].decode("utf-8")} for t in sample.conversation]
             except UnicodeDecodeError:
                 raise _Skip(3)
-            prefix = text.media_prefix(sample.kind, cfg.num_soft_tokens, seconds if sample.kind == "video" else None)
-            out = text.conversation_example(self.tokenizer, turns, length=cfg.text_length, prefix=prefix)
+            try:
+                out = conversation.training_example(
+                    self.tokenizer, turns, cfg.template, length=cfg.text_length, media_kind=sample.kind,
+                    num_soft_tokens=cfg.num_soft_tokens, frame_seconds=seconds if sample.kind == "video" else None)
+            except ValueError:  # roles out of order for the template, or an unknown role
+                raise _Skip(4)
             if (out["input_ids"] == cfg.image_token_id).sum() != cfg.num_soft_tokens or (out["labels"] == IGNORE_INDEX).all():
                 raise _Skip(4)
             return out

@@ -72,10 +72,6 @@ def check_placeholders(input_ids: np.ndarray, image_token_id: int, num_soft_toke
 # Vicuna-v0 style conversation layout used by Video-LLaMA's instruction data (SPEC §6). The exact token-for-token
 # template rules (separator quirks, LLaMA-2 chat) belong to the conversation-template module; this layout trains
 # on assistant turns only and masks everything else.
-ROLES = {"human": "Human", "gpt": "Assistant"}
-TURN_START, TURN_END = "###", "\n"
-
-
 def media_prefix(kind: str, num_soft_tokens: int, frame_seconds: list[float] | None = None) -> str:
     """`<Video>` + `<ImageHere>` × n + `</Video> ` (images: `<Image>`), then for video the timestamp message."""
     tag = "Video" if kind == "video" else "Image"
@@ -101,48 +97,3 @@ AUDIO_VIDEO_MESSAGE = (
 
 def audio_video_message(num_audio_tokens: int, num_video_tokens: int) -> str:
     return AUDIO_VIDEO_MESSAGE.format(audio=AUDIO_PLACEHOLDER * num_audio_tokens, video=IMAGE_PLACEHOLDER * num_video_tokens)
-
-
-def conversation_example(
-    tokenizer,
-    turns: list[dict[str, str]],
-    *,
-    length: int,
-    prefix: str = "",
-    system: str = "",
-) -> dict[str, np.ndarray]:
-    """[BOS] + system + per turn `###Role: text\\n` + `###`, right-padded to `length`; labels on assistant turns.
-
-    `turns` are `{"from": "human"|"gpt"|"system", "value": str}`; `prefix` (the media placeholders) goes in
-    front of the first human turn. Tokens past `length` are cut (the cut is counted by the caller).
-    """
-    ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-    header = encode(system)
-    ids += header
-    labels += [IGNORE_INDEX] * len(header)
-    first_human = True
-    for turn in turns:
-        role = turn["from"]
-        if role == "system":
-            continue
-        if role not in ROLES:
-            raise ValueError(f"unknown conversation role {role!r}: expected one of {sorted(ROLES)} or 'system'")
-        value = turn["value"]
-        if role == "human" and first_human:
-            value, first_human = prefix + value, False
-        piece = encode(f"{TURN_START}{ROLES[role]}: {value}{TURN_END}")
-        ids += piece
-        labels += piece if role == "gpt" else [IGNORE_INDEX] * len(piece)
-    tail = encode(TURN_START)
-    ids += tail
-    labels += [IGNORE_INDEX] * len(tail)
-    truncated = len(ids) > length
-    ids, labels = ids[:length], labels[:length]
-    out_ids = np.full(length, tokenizer.pad_token_id, np.int32)
-    out_labels = np.full(length, IGNORE_INDEX, np.int32)
-    out_ids[: len(ids)] = ids
-    out_labels[: len(labels)] = labels
-    mask = np.zeros(length, bool)
-    mask[: len(ids)] = True
-    return {"input_ids": out_ids, "padding_mask": mask, "labels": out_labels, "truncated": np.bool_(truncated)}

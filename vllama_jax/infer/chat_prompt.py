@@ -20,16 +20,11 @@ import dataclasses
 import re
 
 from vllama_jax.constants import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
-from vllama_jax.data import text
+from vllama_jax.data import conversation, text
 
-TEMPLATE_NAMES = ("vicuna", "llama_2", "caption")
-
-LLAMA_2_SYSTEM = (
-    "You are a helpful language and vision assistant. "
-    "You are able to understand the visual content that the user provides, "
-    "and assist the user with a variety of tasks using natural language."
-)
-ROLES = {"vicuna": ("Human", "Assistant"), "llama_2": ("USER", "ASSISTANT"), "caption": ("", "")}
+TEMPLATE_NAMES = (*conversation.TEMPLATES, "caption")
+LLAMA_2_SYSTEM = conversation.LLAMA_2_SYSTEM
+ROLES = {**conversation.ROLES, "caption": ("", "")}
 
 
 @dataclasses.dataclass

@@ -139,6 +139,7 @@ def train(config, workdir: str | Path, log=print) -> dict:
         prompts=prompts,
         max_txt_len=config.data.max_txt_len,
         end_sym=config.data.end_sym,
+        template=config.data.template,
         seed=config.seed,
         worker_count=config.data.get("worker_count", 0),
         with_audio="audio" in media_keys(branch, audio_source),
