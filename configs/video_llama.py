@@ -89,6 +89,19 @@ RECIPES = {
 }
 
 
+# Stage 2's image-caption data (cc_sbu_align) is read MiniGPT-4 style: one of the original's alignment prompts
+# (prompts/alignment_image.txt) at random, wrapped in the LLM's template, and the caption ends with the template's
+# end symbol (the two stage-2 train configs: prompt_template and end_sym for Vicuna and for LLaMA-2-chat).
+ALIGNMENT_PROMPTS = (
+    "<Image><ImageHere></Image> Describe this image in detail.",
+    "<Image><ImageHere></Image> Take a look at this image and describe what you notice.",
+    "<Image><ImageHere></Image> Please provide a detailed description of the picture.",
+    "<Image><ImageHere></Image> Could you describe the contents of this image for me?",
+)
+PROMPT_TEMPLATES = {"vicuna": ("###Human: {} ###Assistant: ", "###"),
+                    "llama_2": ("[INST] <<SYS>>\n \n<</SYS>>\n\n{} [/INST] ", "</s>")}
+
+
 def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
     """arg = "<model>[,<recipe>]": a model from LLMS or "tiny", a recipe from RECIPES (default vision_stage1)."""
     name, _, recipe_name = arg.partition(",")
@@ -121,7 +134,11 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
         audio_source="fbank" if recipe["branch"] == "audio_visual" else "frames",
         clips_per_video=8,
         synthetic_sounds=False,  # the tiny default's clips carry tones their captions name (pitch, rhythm)
+        caption_prompts=(),  # prompts for caption samples, each with one <ImageHere> (stage 2: ALIGNMENT_PROMPTS)
     )
+    if recipe_name.endswith("stage2"):
+        prompt_template, end_sym = PROMPT_TEMPLATES[config.data.template]
+        config.data.update(caption_prompts=tuple(prompt_template.format(p) for p in ALIGNMENT_PROMPTS), end_sym=end_sym)
     config.eval = dict(at_end=True, batch_size=16, max_new_tokens=16, score="")
     config.batch_size = recipe["batch"]
     config.optimizer = dataclasses.asdict(OptimizerConfig())

@@ -144,28 +144,33 @@ def test_stage2_recipe_starts_from_stage1_weights_on_instruction_shards(repo_roo
             {"from": "human", "value": "And the right half?"}, {"from": "gpt", "value": "Black."}]})
     (tmp_path / "llava.json").write_text(json.dumps(annotations))
     prepare("llava_instruct", tmp_path / "llava.json", media, tmp_path / "shards", name="llava", log=lambda *_: None)
+    # and cc_sbu_align-style captions of the same images, read with stage 2's alignment prompts
+    captions = {"annotations": [{"image_id": str(i), "caption": f"The left half is {name}."}
+                                for i, name in enumerate(SYNTHETIC_COLORS)]}
+    (tmp_path / "cc_sbu_align.json").write_text(json.dumps(captions))
+    prepare("image_caption", tmp_path / "cc_sbu_align.json", media, tmp_path / "captions", name="cc_sbu", log=lambda *_: None)
 
     workdir = tmp_path / "stage2"
     result = subprocess.run(
         ["vllama-train", "--config=configs/video_llama.py:tiny,vision_stage2", f"--workdir={workdir}",
-         f"--config.data.shards={tmp_path / 'shards'}", f"--config.data.tokenizer={synthetic / 'tokenizer'}",
+         f"--config.data.shards={tmp_path / 'shards'},{tmp_path / 'captions'}", f"--config.data.tokenizer={synthetic / 'tokenizer'}",
          f"--config.train.frozen_checkpoint={synthetic / 'frozen'}", f"--config.train.init_trainable={uninterrupted_run}",
-         "--config.train.steps=1", "--config.batch_size=2"],
+         "--config.train.steps=2", "--config.batch_size=4"],  # one pass over the 2 × 4 samples
         cwd=repo_root, env=environment(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"trainable weights from {uninterrupted_run}" in result.stdout
-    (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert record["examples"] == 2 and record["tokens"] > 0 and np.isfinite(record["loss"])
-    assert record["learning_rate"] == pytest.approx(1e-6)  # stage 2's warmup start
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["examples"] == 4 and r["tokens"] > 0 and np.isfinite(r["loss"]) for r in records)
+    assert records[0]["learning_rate"] == pytest.approx(1e-6)  # stage 2's warmup start
 
     def trainable(run_dir, step):
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore((run_dir / "checkpoints" / str(step) / "state").absolute())["trainable"]
 
-    before, after = trainable(uninterrupted_run, STEPS), trainable(workdir, 1)
+    before, after = trainable(uninterrupted_run, STEPS), trainable(workdir, 2)
     changed = 0
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
-        np.testing.assert_allclose(b, a, atol=1e-5)  # one AdamW step at lr 1e-6 moves a weight by ~1e-6
+        np.testing.assert_allclose(b, a, atol=1e-5)  # two AdamW steps at lr ~1e-6 move a weight by ~2e-6
         changed += int(not np.array_equal(a, b))
     assert changed > 0
 
@@ -193,7 +198,7 @@ def test_audio_stage1_trains_only_the_audio_glue(repo_root, tmp_path, synthetic,
     workdir = tmp_path / "audio_stage1"
     result = subprocess.run(
         ["vllama-train", "--config=configs/video_llama.py:tiny,audio_stage1", f"--workdir={workdir}",
-         f"--config.data.shards={tmp_path / 'shards'}", f"--config.data.tokenizer={synthetic / 'tokenizer'}",
+         f"--config.data.shards={tmp_path / 'shards'},{tmp_path / 'captions'}", f"--config.data.tokenizer={synthetic / 'tokenizer'}",
          f"--config.data.audio_source={audio_source}", "--config.train.steps=2", "--config.batch_size=2",
          "--config.eval.at_end=False"],
         cwd=repo_root, env=environment(), capture_output=True, text=True, timeout=600)

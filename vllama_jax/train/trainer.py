@@ -120,14 +120,17 @@ def train(config, workdir: str | Path, log=print) -> dict:
     branch, audio_source = train_cfg.branch, config.data.audio_source
     trainable_names = TRAINABLE[branch]
     model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
-    num_soft_tokens, prompts = model_cfg.num_video_query_tokens, ()
+    num_soft_tokens, prompts = model_cfg.num_video_query_tokens, tuple(config.data.get("caption_prompts", ()))
     if branch == "audio":  # the original's audio stages put their 8 soft tokens at <ImageHere> placeholders too
         model_cfg = dataclasses.replace(model_cfg, audio_token_id=model_cfg.image_token_id)
         num_soft_tokens = model_cfg.num_audio_query_tokens
     elif branch == "audio_visual":  # [BOS] + audio block + video block + caption (the demo's order)
         model_cfg = dataclasses.replace(model_cfg, audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER))
         prompts = (AUDIO_PLACEHOLDER * model_cfg.num_audio_query_tokens + IMAGE_PLACEHOLDER,)
-    placeholders = num_soft_tokens + (model_cfg.num_audio_query_tokens if prompts else 0)
+    placeholders = num_soft_tokens + (model_cfg.num_audio_query_tokens if branch == "audio_visual" else 0)
+    # room for the longest caption prompt's text (the placeholders are counted above)
+    prompt_text = max((len(tokenizer(p.replace(IMAGE_PLACEHOLDER, "").replace(AUDIO_PLACEHOLDER, ""),
+                                     add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
     pipeline_cfg = PipelineConfig(
         batch_size=config.batch_size // jax.process_count(),
         image_size=model_cfg.vision.image_size,
@@ -135,7 +138,7 @@ def train(config, workdir: str | Path, log=print) -> dict:
         frame_sampling=config.data.frame_sampling,
         num_soft_tokens=num_soft_tokens,
         image_token_id=model_cfg.image_token_id,
-        text_length=1 + placeholders + config.data.max_txt_len,
+        text_length=1 + placeholders + prompt_text + config.data.max_txt_len,
         prompts=prompts,
         max_txt_len=config.data.max_txt_len,
         end_sym=config.data.end_sym,
@@ -261,8 +264,12 @@ def evaluate(config, model, params, tokenizer, pipeline_cfg, mesh, rules, workdi
     """Greedy captions of the held-out shards (eval transform, uniform frames, one pass), written with their
     references to workdir/eval.json; for the tiny default also scored per attribute."""
     batch_size = config.eval.batch_size
+    # generation starts right after the prompt, at one position for the whole batch: the longest caption prompt
+    # fills it exactly (the pipeline made room for that one), so held-out clips are all asked with it
+    longest = max(pipeline_cfg.prompts, key=lambda p: len(tokenizer(p, add_special_tokens=False)["input_ids"]), default=None)
     eval_cfg = dataclasses.replace(pipeline_cfg, batch_size=batch_size // jax.process_count(), train=False,
-                                   frame_sampling="uniform", num_epochs=1, worker_count=0)
+                                   frame_sampling="uniform", num_epochs=1, worker_count=0,
+                                   prompts=(longest,) if longest else ())
     batches = make_dataset(shard_paths(config.data.eval_shards), eval_cfg, tokenizer)
     media = media_keys(config.train.branch, config.data.audio_source)
     shapes = (*((k, 5) for k in media), ("input_ids", 2), ("labels", 2), ("example_mask", 1))
