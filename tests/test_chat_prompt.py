@@ -73,3 +73,17 @@ def test_stop_sequences_and_answer_clean_up(tokenizer):
     assert cp.answer_text("vicuna", " Assistant: a red square### Human: next") == "a red square"
     assert cp.answer_text("llama_2", "ASSISTANT: a blue circle </s>") == "a blue circle"
     assert cp.answer_text("caption", "a red square moves left\nsomething", "\n") == "a red square moves left"
+
+
+def test_a_session_refuses_a_missing_or_empty_checkpoint(tiny_config, tmp_path, tokenizer):
+    import pytest
+
+    from vllama_jax.infer.session import load_session
+
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_session(tiny_config, str(tmp_path / "nope"))
+    run = tmp_path / "run"
+    tokenizer.save_pretrained(run / "tokenizer")
+    (run / "checkpoints").mkdir(parents=True)  # a run directory that never saved a step
+    with pytest.raises(FileNotFoundError, match="no trainable weights"):
+        load_session(tiny_config, str(run), log=lambda *_: None)

@@ -62,8 +62,7 @@ class Session:
         """Answer a batch of left-padded prompts whose placeholders the media fill (numpy in, device arrays out)."""
         cfg = cfg or self.generation_config()
         run = _compiled(self.model, cfg, frames is not None, audio is not None)
-        batch = input_ids.shape[0]
-        inputs = [None if x is None else self._put(np.asarray(x), batch) for x in (frames, audio, input_ids, padding_mask)]
+        inputs = self._on_mesh(frames, audio, input_ids, padding_mask)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return run(self.params, *inputs, rng)
 
@@ -73,8 +72,7 @@ class Session:
         if key not in _COMPILED:
             model = self.model
             _COMPILED[key] = jax.jit(lambda p, f, a, i, m: video_llama_prompt(model, p, i, m, f, a))
-        batch = input_ids.shape[0]
-        inputs = [None if x is None else self._put(np.asarray(x), batch) for x in (frames, audio, input_ids, padding_mask)]
+        inputs = self._on_mesh(frames, audio, input_ids, padding_mask)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return _COMPILED[key](self.params, *inputs)
 
@@ -84,11 +82,18 @@ class Session:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield from stream(llm, self.params["llama_model"], embeds, mask, cfg, rng)
 
-    def _put(self, x, batch: int):
-        """Batch-sharded over (data, fsdp) when the batch divides, else replicated (a single chat request)."""
-        spec = sharding.batch_sharding(self.mesh, x.ndim, self.rules)
-        ways = int(np.prod([self.mesh.shape[a] for a in _axes(spec.spec[0])]))
-        return jax.device_put(x, spec if batch % ways == 0 else NamedSharding(self.mesh, PartitionSpec()))
+    def _on_mesh(self, *arrays):
+        """Each array (or None) batch-sharded over (data, fsdp) when the batch divides, else replicated (a
+        single chat request)."""
+        out = []
+        for x in arrays:
+            if x is not None:
+                x = np.asarray(x)
+                spec = sharding.batch_sharding(self.mesh, x.ndim, self.rules)
+                ways = int(np.prod([self.mesh.shape[a] for a in _axes(spec.spec[0])]))
+                x = jax.device_put(x, spec if x.shape[0] % ways == 0 else NamedSharding(self.mesh, PartitionSpec()))
+            out.append(x)
+        return out
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -151,7 +156,10 @@ def load_session(config, ckpt: str | None = None, log=print) -> Session:
             make_state = lambda t: init_state(t, optimizer, jax.random.PRNGKey(0))  # noqa: E731
             abstract_state = jax.eval_shape(make_state, boxed_trainable)
             state_shardings = sharding.mesh_shardings(abstract_state, mesh, rules)
-            trainable = restore_trainable(str(ckpt_dir), unboxed(abstract_state), state_shardings)
+            try:
+                trainable = restore_trainable(str(ckpt_dir), unboxed(abstract_state), state_shardings)
+            except (FileNotFoundError, ValueError) as err:
+                raise FileNotFoundError(f"--ckpt {ckpt_dir}: no trainable weights to read ({err})") from err
         else:
             log("trainable weights: random from the seed (no checkpoint given)")
             trainable = jax.jit(lambda: split_params(nn.unbox(init()), trainable_names)[0],
