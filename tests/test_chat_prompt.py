@@ -1,10 +1,14 @@
 """The demo's inference conversation (infer/chat_prompt.py): prompt strings as the original get_prompt writes
 them, segment-wise tokenisation around the placeholders, stop sequences and answer clean-up."""
+from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from vllama_jax.constants import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from vllama_jax.infer import chat_prompt as cp
 
+REPO = Path(__file__).resolve().parents[1]
 FRAMES = "<Video><ImageHere></Video> The video contains 2 frames sampled at 0.0, 0.5 seconds. "
 
 
@@ -76,8 +80,6 @@ def test_stop_sequences_and_answer_clean_up(tokenizer):
 
 
 def test_a_session_refuses_a_missing_or_empty_checkpoint(tiny_config, tmp_path, tokenizer):
-    import pytest
-
     from vllama_jax.infer.session import load_session
 
     with pytest.raises(FileNotFoundError, match="nope"):
@@ -87,3 +89,69 @@ def test_a_session_refuses_a_missing_or_empty_checkpoint(tiny_config, tmp_path, 
     (run / "checkpoints").mkdir(parents=True)  # a run directory that never saved a step
     with pytest.raises(FileNotFoundError, match="no trainable weights"):
         load_session(tiny_config, str(run), log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def av_session(tmp_path_factory, tiny_config, tokenizer):
+    """The tiny audio-visual model, random weights, the test tokenizer: enough to check the wiring."""
+    from vllama_jax.config import load_config
+    from vllama_jax.infer.session import load_session
+
+    path = tmp_path_factory.mktemp("av") / "tokenizer"
+    tokenizer.save_pretrained(path)
+    config = load_config(str(REPO / "configs/video_llama.py:tiny,audio_visual"))
+    config.data.tokenizer = str(path)
+    return load_session(config, None, log=lambda *_: None)
+
+
+def test_audio_and_video_of_a_real_mp4_reach_the_prompt(av_session, tmp_path):
+    """--audio: the demo's audio-video message, both soft-token blocks spliced where their placeholders are."""
+    import numpy as np
+
+    from vllama_jax.data.synthetic import write_test_video
+    from vllama_jax.infer.chat import Chat
+    from vllama_jax.infer.session import audio_clips, video_frames
+
+    clip = write_test_video(tmp_path / "beep.mp4", num_frames=48, tone_hz=880.0)
+    s = av_session
+    frames, seconds = video_frames(clip, s.num_frames, s.image_size)
+    clips = audio_clips(clip, s.config.data.clips_per_video)
+    chat = Chat(s, "vicuna", "video", frames, seconds, clips, dict(max_new_tokens=4, do_sample=False), seed=0)
+    ids = np.asarray(chat_prompt_ids(chat, "What do you hear?"))
+    counts = s.placeholder_counts()
+    image, audio = (s.tokenizer.convert_tokens_to_ids(p) for p in (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER))
+    assert (ids == audio).sum() == counts[AUDIO_PLACEHOLDER] and (ids == image).sum() == counts[IMAGE_PLACEHOLDER]
+    assert np.flatnonzero(ids == audio).max() < np.flatnonzero(ids == image).min()  # the sound first, as the demo
+    mask = np.ones_like(ids, bool)[None]
+    heard = np.asarray(s.prompt_embeddings(ids[None], mask, frames[None], clips[None])[0])
+    silent = np.asarray(s.prompt_embeddings(ids[None], mask, frames[None], np.zeros_like(clips)[None])[0])
+    changed = np.flatnonzero(np.abs(heard - silent).max(-1)[0] > 0)
+    np.testing.assert_array_equal(changed, np.flatnonzero(ids == audio))  # the sound moves its soft tokens only
+    first = chat.ask("What do you hear?")
+    assert first["new_tokens"] >= 1 and first["prompt_tokens"] == len(ids)
+    second = chat.ask("And now?")  # the second prompt carries the first exchange
+    assert second["prompt_tokens"] > first["prompt_tokens"] + first["new_tokens"]
+
+
+def test_an_image_is_one_frame_with_the_image_message(av_session, tmp_path):
+    from vllama_jax.data.synthetic import write_test_image
+    from vllama_jax.infer.chat import Chat
+    from vllama_jax.infer.session import image_frames
+
+    s = av_session
+    frames = image_frames(write_test_image(tmp_path / "x.jpg"), s.image_size)
+    assert frames.shape == (1, s.image_size, s.image_size, 3)
+    chat = Chat(s, "llama_2", "image", frames, None, None, dict(max_new_tokens=3, do_sample=False), seed=0)
+    turn = chat.ask("What colour is it?")
+    assert turn["new_tokens"] >= 1
+    assert chat.conversation.messages[0][1].startswith("<Image><ImageHere></Image>  What colour is it?")
+    (tmp_path / "broken.jpg").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="broken.jpg: not a readable image"):
+        image_frames(tmp_path / "broken.jpg", s.image_size)
+
+
+def chat_prompt_ids(chat, question):
+    """The ids Chat would generate from, without changing its conversation."""
+    import copy
+
+    return cp.answer_prompt_ids(chat.session, copy.deepcopy(chat.conversation), question)
