@@ -198,7 +198,7 @@ def test_audio_stage1_trains_only_the_audio_glue(repo_root, tmp_path, synthetic,
     workdir = tmp_path / "audio_stage1"
     result = subprocess.run(
         ["vllama-train", "--config=configs/video_llama.py:tiny,audio_stage1", f"--workdir={workdir}",
-         f"--config.data.shards={tmp_path / 'shards'},{tmp_path / 'captions'}", f"--config.data.tokenizer={synthetic / 'tokenizer'}",
+         f"--config.data.shards={tmp_path / 'shards'}", f"--config.data.tokenizer={synthetic / 'tokenizer'}",
          f"--config.data.audio_source={audio_source}", "--config.train.steps=2", "--config.batch_size=2",
          "--config.eval.at_end=False"],
         cwd=repo_root, env=environment(), capture_output=True, text=True, timeout=600)

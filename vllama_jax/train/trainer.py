@@ -144,7 +144,7 @@ def train(config, workdir: str | Path, log=print) -> dict:
         end_sym=config.data.end_sym,
         template=config.data.template,
         seed=config.seed,
-        worker_count=config.data.get("worker_count", 0),
+        worker_count=config.data.worker_count,
         with_audio="audio" in media_keys(branch, audio_source),
         clips_per_video=config.data.clips_per_video,
     )
