@@ -39,6 +39,7 @@ setup(
             "vllama-demo=vllama_jax.demo:cli",
             "vllama-prepare=vllama_jax.data.prepare:main",
             "vllama-train=vllama_jax.train.main:cli",
+            "vllama-cache=vllama_jax.train.cache_main:cli",
             "vllama-convert=vllama_jax.convert.main:cli",
             "vllama-chat=vllama_jax.infer.chat:cli",
             "vllama-caption=vllama_jax.infer.caption:cli",

@@ -136,6 +136,9 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
         synthetic_sounds=False,  # the tiny default's clips carry tones their captions name (pitch, rhythm)
         caption_prompts=(),  # prompts for caption samples, each with one <ImageHere> (stage 2: ALIGNMENT_PROMPTS)
         worker_count=0,  # grain worker processes decoding media (0 = threads of the training process)
+        # vllama-cache output folders (comma-separated): train from the frozen towers' cached outputs instead of
+        # media (data.shards is then not read; the towers' weights are not loaded for the step)
+        feature_cache="",
     )
     if recipe_name.endswith("stage2"):
         prompt_template, end_sym = PROMPT_TEMPLATES[config.data.template]

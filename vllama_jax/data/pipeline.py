@@ -70,7 +70,7 @@ class ExampleBuilder(grain.transforms.RandomMap):
 
     def random_map(self, record: bytes, rng: np.random.Generator) -> dict[str, Any]:
         cfg = self.config
-        example = self._empty()
+        example = self.empty()
         try:
             sample = records.decode(record)
         except Exception as err:  # noqa: BLE001 - any unpacking failure is a corrupt record
@@ -103,7 +103,8 @@ class ExampleBuilder(grain.transforms.RandomMap):
             example.update(audio=clips, audio_mask=np.bool_(has_audio))
         return example
 
-    def _empty(self) -> dict[str, Any]:
+    def empty(self) -> dict[str, Any]:
+        """An all-masked example of the usual shapes (what an unusable sample becomes)."""
         cfg = self.config
         size = cfg.image_size
         out = {
@@ -176,7 +177,7 @@ class _Skip(Exception):
         self.code = code
 
 
-class _ProcessSlice:
+class ProcessSlice:
     """This process's part of each global batch, as a random-access view: local element j of process p is
     global element (j // b) · (b · P) + p · b + j % b (b = per-process batch, P = process count). Process
     p's rows therefore sit at rows p·b … p·b + b − 1 of every global batch, the layout
@@ -214,7 +215,7 @@ def make_dataset(
         ds = ds.repeat(config.num_epochs)
     ds = ds.shuffle(seed=config.seed)
     ds = ds.random_map(ExampleBuilder(config, tokenizer), seed=config.seed + 1)  # lazy: only this host's examples run
-    ds = grain.MapDataset.source(_ProcessSlice(ds, process_index, process_count, config.batch_size))
+    ds = grain.MapDataset.source(ProcessSlice(ds, process_index, process_count, config.batch_size))
     ds = ds.batch(config.batch_size, drop_remainder=True)
     it = ds.to_iter_dataset()
     if config.worker_count > 0:
@@ -224,6 +225,37 @@ def make_dataset(
             grain.MultiprocessingOptions(num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size)
         )
     return it
+
+
+class _PadToBatches:
+    """A random-access view of `dataset` lengthened to a multiple of `multiple` by `empty()` examples."""
+
+    def __init__(self, dataset, multiple: int, empty):
+        self.dataset, self.empty = dataset, empty
+        self.length = -(-len(dataset) // multiple) * multiple
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.dataset[i] if i < len(self.dataset) else self.empty()
+
+
+def make_single_pass(shard_paths: Sequence[str], config: PipelineConfig, tokenizer, *,
+                     process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+    """Every record once, in shard order, as this host's rows of whole global batches: the last global batch
+    is filled up with all-masked examples (`example_mask` False, reason code 0) rather than dropped, so a pass
+    that must see every example (the frozen-feature cache) loses none."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    builder = ExampleBuilder(config, tokenizer)
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(shard_paths)))
+    ds = ds.random_map(builder, seed=config.seed + 1)
+    ds = grain.MapDataset.source(_PadToBatches(ds, config.batch_size * process_count, builder.empty))
+    ds = grain.MapDataset.source(ProcessSlice(ds, process_index, process_count, config.batch_size))
+    return ds.batch(config.batch_size).to_iter_dataset()
 
 
 def reason_counts(batch: dict[str, np.ndarray]) -> dict[str, int]:

@@ -82,6 +82,9 @@ class VideoLlamaConfig:
 VISUAL_TRAINABLE = ("video_Qformer", "video_query_tokens", "video_frame_position_embedding", "llama_proj")
 AUDIO_TRAINABLE = ("audio_Qformer", "audio_query_tokens", "audio_position_embedding", "audio_llama_proj")
 TRAINABLE = {"visual": VISUAL_TRAINABLE, "audio": AUDIO_TRAINABLE, "audio_visual": VISUAL_TRAINABLE + AUDIO_TRAINABLE}
+# The frozen encoders whose outputs (`frame_features`, `audio_features`) the frozen-feature cache holds: a step
+# that reads cached features needs none of their weights.
+FROZEN_TOWERS = ("visual_encoder", "ln_vision", "Qformer", "audio_encoder")
 
 
 def count_params(params: Any, subtrees: tuple[str, ...] | None = None) -> int:
@@ -139,52 +142,70 @@ class VideoLlama(nn.Module):
         init = layers.param_init(layers.normal(), (None, None, "embed"))
         return self.param(name, init, (1, count, width), layers.dtype_of(self.config.param_dtype))
 
-    def encode_video(self, frames, deterministic: bool = True):
-        """frames (B, T, H, W, 3), CLIP-normalised -> soft tokens (B, num_video_query_tokens, LLM hidden)."""
+    def frame_features(self, frames):
+        """The frozen half of the visual branch: frames (B, T, H, W, 3), CLIP-normalised -> the image Q-Former's
+        query outputs per frame (B, T, num_query_tokens, Q-Former width). What the frozen-feature cache stores."""
         cfg = self.config
         batch, num_frames = frames.shape[:2]
-        if num_frames > cfg.max_frame_pos:
-            raise ValueError(f"{num_frames} frames exceed max_frame_pos={cfg.max_frame_pos}")
         image_embeds = self.ln_vision(self.visual_encoder(frames.reshape(batch * num_frames, *frames.shape[2:])))
         # The frozen image Q-Former always runs deterministically (PyTorch keeps it in eval mode).
         query = jnp.broadcast_to(self.query_tokens, (batch * num_frames, *self.query_tokens.shape[1:]))
         frame_queries = self.Qformer(query, image_embeds, deterministic=True)
-        frame_queries = frame_queries.reshape(batch, num_frames, cfg.num_query_tokens, -1)
+        return frame_queries.reshape(batch, num_frames, cfg.num_query_tokens, -1)
+
+    def encode_video(self, frames=None, deterministic: bool = True, *, features=None):
+        """frames (B, T, H, W, 3), CLIP-normalised, or their `frame_features` -> soft tokens
+        (B, num_video_query_tokens, LLM hidden)."""
+        cfg = self.config
+        frame_queries = self.frame_features(frames) if features is None else features
+        batch, num_frames = frame_queries.shape[:2]
+        if num_frames > cfg.max_frame_pos:
+            raise ValueError(f"{num_frames} frames exceed max_frame_pos={cfg.max_frame_pos}")
         frame_queries = frame_queries + self.video_frame_position_embedding(jnp.arange(num_frames))[None, :, None, :]
         frame_queries = frame_queries.reshape(batch, num_frames * cfg.num_query_tokens, -1)
         video_query = jnp.broadcast_to(self.video_query_tokens, (batch, *self.video_query_tokens.shape[1:]))
         video_hidden = self.video_Qformer(video_query, frame_queries, deterministic=deterministic)
         return self.llama_proj(video_hidden)
 
-    def encode_audio(self, inputs, modality: str = "audio", deterministic: bool = True):
-        """-> audio soft tokens (B, num_audio_query_tokens, LLM hidden).
+    def audio_features(self, inputs, modality: str = "audio", deterministic: bool = True):
+        """The frozen half of the audio branch: ImageBind's normalised joint embeddings (B, S, out_dim).
 
         inputs: fbank clips (B, S, 128, 204) or, as the data pipeline and the original give them, (B, S, 1, 128, 204)
         for modality "audio"; CLIP-normalised frames (B, S, H, W, 3) for "vision" (the audio stages' way of
-        training without audio). ImageBind is frozen but, as in the original
-        (whose train() reaches it), its audio tower's drop path is active when not deterministic.
+        training without audio). ImageBind is frozen but, as in the original (whose train() reaches it), its
+        audio tower's drop path is active when not deterministic.
         """
-        cfg = self.config
-        if not cfg.equip_audio_branch:
+        if not self.config.equip_audio_branch:
             raise ValueError("this model has no audio branch: set model.equip_audio_branch=True")
         if modality == "audio" and inputs.ndim == 5:
             inputs = inputs[:, :, 0]  # the single fbank channel
-        batch, count = inputs.shape[:2]
+        _, embeddings = self.audio_encoder(inputs, modality, deterministic=deterministic)
+        return embeddings
+
+    def encode_audio(self, inputs=None, modality: str = "audio", deterministic: bool = True, *, features=None):
+        """fbank clips or frames (see `audio_features`), or their `audio_features` -> audio soft tokens
+        (B, num_audio_query_tokens, LLM hidden)."""
+        cfg = self.config
+        if not cfg.equip_audio_branch:
+            raise ValueError("this model has no audio branch: set model.equip_audio_branch=True")
+        embeddings = self.audio_features(inputs, modality, deterministic) if features is None else features
+        batch, count = embeddings.shape[:2]
         if count > cfg.max_audio_pos:
             raise ValueError(f"{count} audio clips/frames exceed max_audio_pos={cfg.max_audio_pos}")
-        _, embeddings = self.audio_encoder(inputs, modality, deterministic=deterministic)
         embeddings = embeddings + self.audio_position_embedding(jnp.arange(count))[None]
         query = jnp.broadcast_to(self.audio_query_tokens, (batch, *self.audio_query_tokens.shape[1:]))
         audio_hidden = self.audio_Qformer(query, embeddings, deterministic=deterministic)
         return self.audio_llama_proj(audio_hidden)
 
-    def encode(self, frames=None, audio=None, audio_modality: str = "audio", deterministic: bool = True) -> dict:
-        """{"video": soft tokens, "audio": soft tokens} for whichever inputs are given."""
+    def encode(self, frames=None, audio=None, audio_modality: str = "audio", deterministic: bool = True, *,
+               video_features=None, audio_features=None) -> dict:
+        """{"video": soft tokens, "audio": soft tokens} for whichever inputs are given (media, or the frozen
+        towers' outputs from the feature cache)."""
         soft = {}
-        if frames is not None:
-            soft["video"] = self.encode_video(frames, deterministic=deterministic)
-        if audio is not None:
-            soft["audio"] = self.encode_audio(audio, audio_modality, deterministic=deterministic)
+        if frames is not None or video_features is not None:
+            soft["video"] = self.encode_video(frames, deterministic=deterministic, features=video_features)
+        if audio is not None or audio_features is not None:
+            soft["audio"] = self.encode_audio(audio, audio_modality, deterministic=deterministic, features=audio_features)
         return soft
 
     def splice(self, input_ids, soft_tokens=None, audio_soft_tokens=None):
@@ -201,12 +222,14 @@ class VideoLlama(nn.Module):
         return text_embeds
 
     def __call__(self, frames, input_ids, padding_mask=None, deterministic: bool = True, *, audio=None,
-                 audio_modality: str = "audio"):
+                 audio_modality: str = "audio", video_features=None, audio_features=None):
         """-> (logits (B, S, vocab) float32, {"video": soft tokens, "audio": soft tokens} for the branches run).
 
-        frames (or None) feed the visual branch; audio (or None) the audio branch, read as `audio_modality`.
+        frames (or None) feed the visual branch; audio (or None) the audio branch, read as `audio_modality`;
+        video_features / audio_features replace them with the frozen towers' cached outputs.
         """
-        soft = self.encode(frames, audio, audio_modality, deterministic=deterministic)
+        soft = self.encode(frames, audio, audio_modality, deterministic=deterministic,
+                           video_features=video_features, audio_features=audio_features)
         inputs_embeds = self.splice(input_ids, soft.get("video"), soft.get("audio"))
         logits = self.llama_model(inputs_embeds=inputs_embeds, padding_mask=padding_mask)
         return logits, soft

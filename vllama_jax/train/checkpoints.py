@@ -29,10 +29,12 @@ def _flat(tree) -> dict[str, object]:
     return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def restore_params(path: str | Path, abstract, shardings=None):
+def restore_params(path: str | Path, abstract, shardings=None, *, subset: bool = False):
     """Read the checkpoint at `path` into the structure of `abstract` (ShapeDtypeStructs), each array placed
     with its sharding from `shardings` (same structure) or the abstract leaf's own. Raises ValueError naming
-    every missing, unexpected or mis-shaped entry, before reading any array."""
+    every missing, unexpected or mis-shaped entry, before reading any array. `subset`: the checkpoint may hold
+    more than `abstract` asks for (a step reading cached features needs no tower weights); only what is asked
+    for is read."""
     path = Path(path).absolute()
     if not path.is_dir():
         raise FileNotFoundError(f"parameter checkpoint {path} does not exist")
@@ -45,7 +47,7 @@ def restore_params(path: str | Path, abstract, shardings=None):
             raise ValueError(f"{path} is not a readable orbax checkpoint: it holds no array metadata")
         wanted = _flat(abstract)
         problems = [f"missing {k}" for k in wanted if k not in saved]
-        problems += [f"unexpected {k}" for k in saved if k not in wanted]
+        problems += [] if subset else [f"unexpected {k}" for k in saved if k not in wanted]
         for key in wanted.keys() & saved.keys():
             want, have = wanted[key], saved[key]
             if tuple(want.shape) != tuple(have.shape) or np.dtype(want.dtype) != np.dtype(have.dtype):
@@ -56,4 +58,8 @@ def restore_params(path: str | Path, abstract, shardings=None):
         if shardings is not None:
             abstract = jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-        return checkpointer.restore(path, abstract)
+        if not (saved.keys() - wanted.keys()):
+            return checkpointer.restore(path, abstract)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))

@@ -45,9 +45,12 @@ BRANCHES = ("visual", "audio", "audio_visual")
 AUDIO_SOURCES = ("frames", "fbank")
 
 
-def model_inputs(batch: dict, branch: str, audio_source: str = "frames") -> dict:
-    """Keyword arguments of `VideoLlama.encode` / `__call__` for `branch`, taken from a batch."""
-    media_keys(branch, audio_source)  # validates the pair
+def model_inputs(batch: dict, branch: str, audio_source: str = "frames", cached: bool = False) -> dict:
+    """Keyword arguments of `VideoLlama.encode` / `__call__` for `branch`, taken from a batch (of media, or of
+    the frozen towers' cached outputs when `cached`)."""
+    media_keys(branch, audio_source, cached)  # validates the pair
+    if cached:
+        return {"frames": None, **{k: batch[k] for k in media_keys(branch, audio_source, cached)}}
     if branch == "visual":
         return {"frames": batch["frames"]}
     if branch == "audio_visual":
@@ -57,12 +60,16 @@ def model_inputs(batch: dict, branch: str, audio_source: str = "frames") -> dict
     return {"frames": None, "audio": batch["audio"], "audio_modality": "audio"}
 
 
-def media_keys(branch: str, audio_source: str = "frames") -> tuple[str, ...]:
-    """The batch's media arrays a branch reads."""
+def media_keys(branch: str, audio_source: str = "frames", cached: bool = False) -> tuple[str, ...]:
+    """The batch's media arrays (or, when `cached`, the frozen towers' outputs, named as `VideoLlama`'s
+    arguments) a branch reads."""
     if branch not in BRANCHES or audio_source not in AUDIO_SOURCES:
         raise ValueError(f"branch {branch!r} / audio_source {audio_source!r}: expected {BRANCHES} / {AUDIO_SOURCES}")
     if branch == "audio_visual" and audio_source != "fbank":
         raise ValueError("branch 'audio_visual' reads the frames and the audio track: set data.audio_source='fbank'")
+    if cached:
+        return {"visual": ("video_features",), "audio": ("audio_features",),
+                "audio_visual": ("video_features", "audio_features")}[branch]
     if branch == "visual":
         return ("frames",)
     if branch == "audio":
@@ -70,9 +77,9 @@ def media_keys(branch: str, audio_source: str = "frames") -> tuple[str, ...]:
     return ("frames", "audio")
 
 
-def batch_keys(branch: str, audio_source: str = "frames") -> tuple[str, ...]:
+def batch_keys(branch: str, audio_source: str = "frames", cached: bool = False) -> tuple[str, ...]:
     """The batch arrays a train step reads."""
-    return (*media_keys(branch, audio_source), "input_ids", "padding_mask", "labels")
+    return (*media_keys(branch, audio_source, cached), "input_ids", "padding_mask", "labels")
 
 
 def init_state(trainable, optimizer: optax.GradientTransformation, rng) -> TrainState:
@@ -94,15 +101,16 @@ def _set_learning_rate(opt_state, lr):
 
 
 def make_train_step(model: VideoLlama, optimizer: optax.GradientTransformation, cfg: OptimizerConfig,
-                    branch: str = "visual", audio_source: str = "frames") -> Callable:
+                    branch: str = "visual", audio_source: str = "frames", cached: bool = False) -> Callable:
     """train_step(state, frozen, batch) -> (state, metrics). `batch` arrays lead with the global batch; with
     grad_accum = k it is split into k micro-batches (the original's accum_grad_iters), each a LAVIS iteration.
-    `branch` / `audio_source` say which inputs feed which branch (`model_inputs`)."""
+    `branch` / `audio_source` say which inputs feed which branch (`model_inputs`); `cached`: the batch holds the
+    frozen towers' outputs (the frozen-feature cache) instead of media, and `frozen` need not hold the towers."""
     schedule = lavis_warmup_cosine(cfg)
     accum = cfg.grad_accum
 
     def micro_loss(trainable, frozen, micro, key):
-        inputs = model_inputs(micro, branch, audio_source)
+        inputs = model_inputs(micro, branch, audio_source, cached)
         logits, _ = model.apply(
             {"params": {**frozen, **trainable}},
             input_ids=micro["input_ids"], padding_mask=micro["padding_mask"],

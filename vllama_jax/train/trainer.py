@@ -18,45 +18,42 @@ from pathlib import Path
 import flax.linen as nn
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vllama_jax import sharding
-from vllama_jax.config import model_config
-from vllama_jax.constants import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
-from vllama_jax.data.pipeline import PipelineConfig, make_dataset, reason_counts
+from vllama_jax.data.features import make_feature_dataset
+from vllama_jax.data.pipeline import make_dataset, make_single_pass, reason_counts
 from vllama_jax.data.prepare import shard_paths
 from vllama_jax.data.tokenizer import load_tokenizer
-from vllama_jax.models.video_llama import TRAINABLE, VideoLlama, init_params
+from vllama_jax.models.video_llama import init_params
 from vllama_jax.train import reporting, tiny_default
 from vllama_jax.train.checkpoints import restore_params
 from vllama_jax.train.evaluate import caption_dataset, make_greedy_generate
-from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
-from vllama_jax.train.step import batch_keys, init_state, make_train_step, media_keys, split_params
+from vllama_jax.train.feature_cache import check_feature_cache
+from vllama_jax.train.flops import compiled_flops, scan_aware_flops
+from vllama_jax.train.inputs import model_and_pipeline
+from vllama_jax.train.sharded import ShardedStep, build_sharded_step, unboxed
+from vllama_jax.train.step import batch_keys, init_state, media_keys, split_params
 
 
-def _size(tree) -> tuple[int, int]:
-    leaves = jax.tree_util.tree_leaves(unboxed(tree))
-    return sum(int(np.prod(x.shape)) for x in leaves), sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
-
-
-def startup_summary(mesh, boxed_params, trainable_names, abstract_state, shardings, cost: dict, peak: tuple[float, str]) -> list[str]:
+def startup_summary(build: ShardedStep, cost: dict, peak: tuple[float, str]) -> list[str]:
     """What a run states before its first step: devices and mesh, parameter and optimizer-state sizes (frozen /
     trainable), how the largest arrays are sharded, per-device memory and FLOPs of the compiled step."""
-    trainable, frozen = split_params(boxed_params, trainable_names)
-    (n_train, b_train), (n_frozen, b_frozen) = _size(trainable), _size(frozen)
+    sizes = build.sizes()
     devices = jax.devices()
     lines = [
-        f"{jax.process_count()} process(es), {len(devices)} {devices[0].device_kind} device(s), mesh {dict(mesh.shape)}",
-        f"parameters: {n_train:,} trainable ({b_train / 2**20:.1f} MiB), {n_frozen:,} frozen ({b_frozen / 2**20:.1f} MiB)",
-        f"optimizer state: {_size(abstract_state.opt_state)[1] / 2**20:.1f} MiB, for the trainable parameters only",
+        f"{jax.process_count()} process(es), {len(devices)} {devices[0].device_kind} device(s), mesh {dict(build.mesh.shape)}",
+        f"parameters: {sizes['trainable']:,} trainable ({sizes['trainable_bytes'] / 2**20:.1f} MiB), "
+        f"{sizes['frozen']:,} frozen ({sizes['frozen_bytes'] / 2**20:.1f} MiB)"
+        + (f"; not read by the step (cached features): {', '.join(sizes['not_read'])}" if sizes["not_read"] else ""),
+        f"optimizer state: {sizes['optimizer_bytes'] / 2**20:.1f} MiB, for the trainable parameters only",
     ]
-    flat = jax.tree_util.tree_flatten_with_path(unboxed(boxed_params))[0]
-    specs = dict(jax.tree_util.tree_flatten_with_path(shardings)[0])
+    arrays = {**build.abstract_arguments()[0].trainable, **build.abstract_frozen()}
+    flat = jax.tree_util.tree_flatten_with_path(arrays)[0]
     for path, leaf in sorted(flat, key=lambda kv: -int(np.prod(kv[1].shape)))[:4]:
-        lines.append(f"  sharding {jax.tree_util.keystr(path)} {tuple(leaf.shape)} {np.dtype(leaf.dtype).name}: {specs[path].spec}")
+        lines.append(f"  sharding {jax.tree_util.keystr(path)} {tuple(leaf.shape)} {np.dtype(leaf.dtype).name}: {leaf.sharding.spec}")
     if "argument_bytes" in cost:
         lines.append("per device: " + ", ".join(f"{k.removesuffix('_bytes')} {cost[k] / 2**20:.1f} MiB" for k in ("argument_bytes", "output_bytes", "temp_bytes")))
     lines.append(f"step: {cost['flops'] / 1e9:.3f} GFLOP per device; peak {peak[0] / 1e12:.3g} TFLOP/s per device ({peak[1]})")
@@ -76,12 +73,6 @@ def restore_trainable(source: str, abstract_state, state_shardings):
         abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_shardings)
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return restored["state"].trainable
-
-
-def unboxed(tree):
-    """The values of a boxed tree without nn.unbox's sharding constraints (which need concrete arrays under a mesh)."""
-    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
-    return jax.tree_util.tree_map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
 class _Preemption:
@@ -106,97 +97,63 @@ class _Preemption:
         return anyone or multihost_utils.reached_preemption_sync_point(step)
 
 
+def _frozen_params(config, build: ShardedStep, names: tuple[str, ...], log=print):
+    """The frozen parameters `names`, each in its sharding: from train.frozen_checkpoint (straight into the
+    shardings, after a shape and dtype check), else random from the seed. Call under the mesh."""
+    boxed = {k: v for k, v in split_params(build.boxed_params, build.trainable_names)[1].items() if k in names}
+    shardings = sharding.mesh_shardings(boxed, build.mesh, build.rules)
+    if config.train.frozen_checkpoint:
+        return restore_params(config.train.frozen_checkpoint, unboxed(boxed), shardings, subset=True)
+    log("frozen weights: random from the seed (set train.frozen_checkpoint to a converted checkpoint)")
+    init = lambda: init_params(build.model, jax.random.PRNGKey(config.seed))  # noqa: E731
+    return jax.jit(lambda: {k: v for k, v in nn.unbox(init()).items() if k in names}, out_shardings=shardings)()
+
+
 def train(config, workdir: str | Path, log=print) -> dict:
     """Run (or resume) `config` in `workdir`; returns a summary. Metrics go to workdir/metrics.jsonl."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    train_cfg, opt_cfg = config.train, OptimizerConfig(**config.optimizer.to_dict())
+    train_cfg = config.train
 
-    # data
-    if not config.data.shards:  # the tiny default: its own clips, tokenizer and frozen LLM, made in workdir
+    # data: media shards through the decoding pipeline, or the frozen towers' outputs from a feature cache
+    if not config.data.shards and not config.data.feature_cache:  # the tiny default: its own clips, tokenizer, frozen LLM
         config = tiny_default.prepare(config, workdir, log)
-    shards = [path for folder in config.data.shards.split(",") for path in shard_paths(folder.strip())]
     tokenizer = load_tokenizer(config.data.tokenizer)
     branch, audio_source = train_cfg.branch, config.data.audio_source
-    trainable_names = TRAINABLE[branch]
-    model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
-    num_soft_tokens, prompts = model_cfg.num_video_query_tokens, tuple(config.data.get("caption_prompts", ()))
-    if branch == "audio":  # the original's audio stages put their 8 soft tokens at <ImageHere> placeholders too
-        model_cfg = dataclasses.replace(model_cfg, audio_token_id=model_cfg.image_token_id)
-        num_soft_tokens = model_cfg.num_audio_query_tokens
-    elif branch == "audio_visual":  # [BOS] + audio block + video block + caption (the demo's order)
-        model_cfg = dataclasses.replace(model_cfg, audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER))
-        prompts = (AUDIO_PLACEHOLDER * model_cfg.num_audio_query_tokens + IMAGE_PLACEHOLDER,)
-    placeholders = num_soft_tokens + (model_cfg.num_audio_query_tokens if branch == "audio_visual" else 0)
-    # room for the longest caption prompt's text (the placeholders are counted above)
-    prompt_text = max((len(tokenizer(p.replace(IMAGE_PLACEHOLDER, "").replace(AUDIO_PLACEHOLDER, ""),
-                                     add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
-    pipeline_cfg = PipelineConfig(
-        batch_size=config.batch_size // jax.process_count(),
-        image_size=model_cfg.vision.image_size,
-        num_frames=config.data.num_frames,
-        frame_sampling=config.data.frame_sampling,
-        num_soft_tokens=num_soft_tokens,
-        image_token_id=model_cfg.image_token_id,
-        text_length=1 + placeholders + prompt_text + config.data.max_txt_len,
-        prompts=prompts,
-        max_txt_len=config.data.max_txt_len,
-        end_sym=config.data.end_sym,
-        template=config.data.template,
-        seed=config.seed,
-        worker_count=config.data.worker_count,
-        with_audio="audio" in media_keys(branch, audio_source),
-        clips_per_video=config.data.clips_per_video,
-    )
-    iterator = iter(make_dataset(shards, pipeline_cfg, tokenizer))
+    model_cfg, pipeline_cfg = model_and_pipeline(config, tokenizer)
+    cached = bool(config.data.feature_cache)
+    keys = batch_keys(branch, audio_source, cached)
+    if cached:
+        folders = config.data.feature_cache.split(",")
+        check_feature_cache(folders, config, pipeline_cfg)
+        shards = [path for folder in folders for path in shard_paths(folder.strip())]
+        iterator = iter(make_feature_dataset(shards, keys, pipeline_cfg.batch_size, seed=config.seed))
+    else:
+        shards = [path for folder in config.data.shards.split(",") for path in shard_paths(folder.strip())]
+        iterator = iter(make_dataset(shards, pipeline_cfg, tokenizer))
 
-    # model and sharded state
-    model = VideoLlama(model_cfg)
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = [tuple(r) for r in config.logical_axis_rules]
-    size = pipeline_cfg.image_size
-    keys = batch_keys(branch, audio_source)
-    sample = {  # one example's shapes, as the pipeline makes them
-        "frames": jnp.zeros((1, pipeline_cfg.num_frames, size, size, 3), jnp.float32),
-        "audio": jnp.zeros((1, pipeline_cfg.clips_per_video, 1, *model_cfg.imagebind_audio.input_size), jnp.float32),
-        "input_ids": jnp.zeros((1, pipeline_cfg.text_length), jnp.int32),
-    }
-    sample["labels"] = sample["input_ids"]
-    sample["padding_mask"] = sample["input_ids"].astype(bool)
-    init = lambda: init_params(model, jax.random.PRNGKey(config.seed), frame_size=size)  # noqa: E731
-    boxed = jax.eval_shape(init)
-    boxed_frozen = split_params(boxed, trainable_names)[1]
-    optimizer = make_optimizer(opt_cfg)
+    # model and sharded state: one jitted step, its shardings derived from the logical-axis rules
+    build = build_sharded_step(config, model_cfg, pipeline_cfg.text_length, cached=cached)
+    model, mesh, rules = build.model, build.mesh, build.rules
+    state_shardings, abstract_state = build.state_shardings, build.abstract_state
+    batch_shardings = {k: v.sharding for k, v in build.batch.items()}
+    optimizer = build.optimizer
     make_state_from = lambda trainable: init_state(trainable, optimizer, jax.random.PRNGKey(config.seed + 1))  # noqa: E731
-    make_state = lambda params: make_state_from(split_params(params, trainable_names)[0])  # noqa: E731
-    abstract_state = jax.eval_shape(make_state, boxed)
-    state_shardings = sharding.mesh_shardings(abstract_state, mesh, rules)
-    frozen_shardings = sharding.mesh_shardings(boxed_frozen, mesh, rules)
-    batch_shardings = {k: sharding.batch_sharding(mesh, sample[k].ndim, rules) for k in keys}
-    step_fn = jax.jit(
-        make_train_step(model, optimizer, opt_cfg, branch, audio_source),
-        in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=0,
-    )
 
     manager = ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep, enable_async_checkpointing=True),
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if config.train.frozen_checkpoint:  # converted weights; each array read straight into its sharding
-            frozen = restore_params(config.train.frozen_checkpoint, unboxed(boxed_frozen), frozen_shardings)
-        else:
-            log("frozen weights: random from the seed (set train.frozen_checkpoint to a converted checkpoint)")
-            frozen = jax.jit(lambda: split_params(nn.unbox(init()), trainable_names)[1], out_shardings=frozen_shardings)()
+        frozen = _frozen_params(config, build, build.frozen_names, log)
         latest = manager.latest_step()  # only complete checkpoints count: orbax commits by an atomic rename
         if latest is None and train_cfg.init_trainable:  # e.g. stage 2 from stage 1: weights only, fresh optimizer
             state = jax.jit(make_state_from, out_shardings=state_shardings)(
                 restore_trainable(train_cfg.init_trainable, unboxed(abstract_state), state_shardings))
             log(f"trainable weights from {train_cfg.init_trainable}")
         elif latest is None:  # XLA drops the unused frozen half of init
-            state = jax.jit(lambda: make_state(nn.unbox(init())), out_shardings=state_shardings)()
+            init = lambda: init_params(model, jax.random.PRNGKey(config.seed))  # noqa: E731
+            state = jax.jit(lambda: build.make_state(nn.unbox(init())), out_shardings=state_shardings)()
         else:
             abstract = jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed(abstract_state), state_shardings)
@@ -206,14 +163,17 @@ def train(config, workdir: str | Path, log=print) -> dict:
             log(f"resumed from step {latest}")
 
         # compiled ahead of time: the startup summary reports its per-device memory and FLOPs
-        global_batch = {k: jax.ShapeDtypeStruct((config.batch_size, *sample[k].shape[1:]), sample[k].dtype, sharding=batch_shardings[k])
-                        for k in keys}
-        compiled_step = step_fn.lower(state, frozen, global_batch).compile()
+        compiled_step = build.lower().compile()
         cost = reporting.step_cost(compiled_step)
+        cost["flops"] = scan_aware_flops(model_cfg, lambda m: compiled_flops(  # XLA counts a scanned layer once
+            build_sharded_step(config, m, pipeline_cfg.text_length, mesh=mesh, cached=cached).lower().compile()),
+            unscanned=cost["flops"])
         peak = reporting.peak_flops(jax.devices()[0], train_cfg.peak_flops)
         is_main = jax.process_index() == 0
         if is_main:
-            for line in startup_summary(mesh, boxed, trainable_names, abstract_state, {**state_shardings.trainable, **frozen_shardings}, cost, peak):
+            if cached:
+                log(f"training from the frozen-feature cache {config.data.feature_cache}: the frozen towers do not run")
+            for line in startup_summary(build, cost, peak):
                 log(line)
 
         preemption = _Preemption()
@@ -256,13 +216,17 @@ def train(config, workdir: str | Path, log=print) -> dict:
             log(f"loss curve: {workdir / 'loss.png'}; TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}")
         summary = {"steps": int(state.step), "skipped": int(state.skipped), "stop": stop_reason}
         if config.eval.at_end and config.data.eval_shards and stop_reason == "done":
+            towers = [k for k in split_params(build.boxed_params, build.trainable_names)[1] if k not in frozen]
+            if towers:  # trained from cached features: captioning media needs the towers too
+                frozen = {**frozen, **_frozen_params(config, build, tuple(towers), log)}
             summary["eval"] = evaluate(config, model, {**frozen, **state.trainable}, tokenizer, pipeline_cfg, mesh, rules, workdir, log)
     return summary
 
 
 def evaluate(config, model, params, tokenizer, pipeline_cfg, mesh, rules, workdir: Path, log=print) -> dict:
-    """Greedy captions of the held-out shards (eval transform, uniform frames, one pass), written with their
-    references to workdir/eval.json; for the tiny default also scored per attribute."""
+    """Greedy captions of the held-out shards (eval transform, uniform frames, one pass over every clip, the
+    last batch filled up with masked rows), written with their references to workdir/eval.json; for the tiny
+    default also scored per attribute."""
     batch_size = config.eval.batch_size
     # generation starts right after the prompt, at one position for the whole batch: the longest caption prompt
     # fills it exactly (the pipeline made room for that one), so held-out clips are all asked with it
@@ -270,7 +234,7 @@ def evaluate(config, model, params, tokenizer, pipeline_cfg, mesh, rules, workdi
     eval_cfg = dataclasses.replace(pipeline_cfg, batch_size=batch_size // jax.process_count(), train=False,
                                    frame_sampling="uniform", num_epochs=1, worker_count=0,
                                    prompts=(longest,) if longest else ())
-    batches = make_dataset(shard_paths(config.data.eval_shards), eval_cfg, tokenizer)
+    batches = make_single_pass(shard_paths(config.data.eval_shards), eval_cfg, tokenizer)
     media = media_keys(config.train.branch, config.data.audio_source)
     shapes = (*((k, 5) for k in media), ("input_ids", 2), ("labels", 2), ("example_mask", 1))
     shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in shapes}

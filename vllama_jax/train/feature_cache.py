@@ -1,0 +1,157 @@
+"""The frozen-feature cache: run the frozen towers once over a shard set, then train the branch from their outputs.
+
+    vllama-cache --config configs/video_llama.py:llama2_7b_chat --out cache/webvid \\
+        --config.data.shards=shards/webvid --config.data.tokenizer=llama-2-7b-chat-hf \\
+        --config.train.frozen_checkpoint=ckpt/frozen
+    vllama-train --config configs/video_llama.py:llama2_7b_chat --workdir runs/stage1 \\
+        --config.data.feature_cache=cache/webvid --config.data.tokenizer=… --config.train.frozen_checkpoint=ckpt/frozen
+
+The glue a stage trains sits after frozen towers that dominate the step's FLOPs (EVA ViT-g on 8 × 257 tokens
+per clip; ImageBind). Their outputs for a clip never change, so they can be computed once: per usable example
+the cache stores `VideoLlama.frame_features` (ViT → ln_vision → image Q-Former) and/or `audio_features`
+(ImageBind), in the towers' output dtype, with the example's tokens exactly as the media pipeline made them.
+A step from the cache computes the same loss as the end-to-end step on the same media
+(tests/test_feature_cache.py) and reads no tower weights.
+
+What a cache gives up: every epoch sees the same frames of a clip. The writer uses the eval transform (uniform
+frames, resize) unless --augment, which freezes one training draw (head-tail frames, random resized crop) per
+clip. ImageBind's audio-tower drop path, active in end-to-end training, is off (the towers run in eval mode).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from vllama_jax import sharding
+from vllama_jax.data.features import FeatureShardWriter, encode, read_manifest
+from vllama_jax.data.pipeline import make_single_pass, reason_counts
+from vllama_jax.data.prepare import shard_paths
+from vllama_jax.data.tokenizer import load_tokenizer
+from vllama_jax.models.video_llama import TRAINABLE, VideoLlama, init_params
+from vllama_jax.train.checkpoints import restore_params
+from vllama_jax.train.inputs import model_and_pipeline
+from vllama_jax.train.sharded import batch_shapes, unboxed
+from vllama_jax.train.step import batch_keys, media_keys, model_inputs, split_params
+
+
+def cache_layout(config, model_cfg, pipeline_cfg) -> dict:
+    """What a cache must match to feed a config's step: branch, audio source and every array's shape."""
+    branch, audio_source = config.train.branch, config.data.audio_source
+    shapes = batch_shapes(model_cfg, 1, pipeline_cfg.num_frames, pipeline_cfg.text_length, pipeline_cfg.clips_per_video)
+    return {"branch": branch, "audio_source": audio_source,
+            "shapes": {k: list(shapes[k].shape[1:]) for k in batch_keys(branch, audio_source, cached=True)}}
+
+
+def reading_config(pipeline_cfg, augment: bool = False):
+    """How the cache writer reads media: the eval transform (uniform frames, resize) or one training draw."""
+    return dataclasses.replace(pipeline_cfg, train=augment, worker_count=0,
+                               frame_sampling=pipeline_cfg.frame_sampling if augment else "uniform")
+
+
+def check_feature_cache(folders, config, pipeline_cfg) -> None:
+    """Refuse a cache written for another branch, audio source, frame count, text layout or model width."""
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model_cfg, _ = model_and_pipeline(config, tokenizer)
+    want = cache_layout(config, model_cfg, pipeline_cfg)
+    for folder in folders:
+        have = read_manifest(folder.strip()).get("layout")
+        if have != want:
+            raise ValueError(f"feature cache {folder} was written for {json.dumps(have)}, but this config's step "
+                             f"reads {json.dumps(want)}: rebuild it with vllama-cache for this config")
+
+
+def _writer_params(config, model: VideoLlama, mesh, rules, log):
+    """Every parameter but the LLM's, in its sharding: the frozen ones from train.frozen_checkpoint (or random
+    from the seed), the trainable glue random from the seed (the towers' outputs do not depend on it, but the
+    query tokens `setup` declares must be present for any method to run)."""
+    init = lambda: {k: v for k, v in init_params(model, jax.random.PRNGKey(config.seed)).items() if k != "llama_model"}  # noqa: E731
+    shardings = sharding.mesh_shardings(jax.eval_shape(init), mesh, rules)
+    params = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+    if not config.train.frozen_checkpoint:
+        log("frozen weights: random from the seed (set train.frozen_checkpoint to a converted checkpoint)")
+        return params
+    frozen = split_params(unboxed(jax.eval_shape(init)), TRAINABLE[config.train.branch])[1]
+    return {**params, **restore_params(config.train.frozen_checkpoint, frozen, {k: shardings[k] for k in frozen}, subset=True)}
+
+
+def write_feature_cache(config, out: str | Path, *, augment: bool = False, records_per_shard: int = 1000,
+                        log=print) -> dict:
+    """Run the frozen towers of `config`'s branch over `config.data.shards` once and write the cache to `out`
+    (one set of shards per process, one manifest). Returns the manifest."""
+    out = Path(out)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model_cfg, pipeline_cfg = model_and_pipeline(config, tokenizer)
+    branch, audio_source = config.train.branch, config.data.audio_source
+    media = media_keys(branch, audio_source)
+    cached_keys = media_keys(branch, audio_source, cached=True)
+    shards = [path for folder in config.data.shards.split(",") for path in shard_paths(folder.strip())]
+    batches = make_single_pass(shards, reading_config(pipeline_cfg, augment), tokenizer)
+
+    model = VideoLlama(model_cfg)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rules = [tuple(r) for r in config.logical_axis_rules]
+    shapes = batch_shapes(model_cfg, config.batch_size, pipeline_cfg.num_frames, pipeline_cfg.text_length,
+                          pipeline_cfg.clips_per_video)
+    in_shardings = {k: sharding.batch_sharding(mesh, len(shapes[k].shape), rules) for k in media}
+
+    def towers(params, batch):
+        inputs = model_inputs(batch, branch, audio_source)
+        outputs = {}
+        if "video_features" in cached_keys:
+            outputs["video_features"] = model.apply({"params": params}, inputs["frames"], method=VideoLlama.frame_features)
+        if "audio_features" in cached_keys:
+            outputs["audio_features"] = model.apply({"params": params}, inputs["audio"], inputs["audio_modality"],
+                                                    method=VideoLlama.audio_features)
+        return outputs
+
+    index, count = jax.process_index(), jax.process_count()
+    layout = cache_layout(config, model_cfg, pipeline_cfg)
+    writer = FeatureShardWriter(out, name=f"features-p{index:03d}", records_per_shard=records_per_shard,
+                                manifest_name=f"manifest-p{index:03d}.json" if count > 1 else "manifest.json",
+                                info={"config": config.name, "augment": augment, "layout": layout})
+    skipped: dict[str, int] = {}
+    started, written = time.perf_counter(), 0
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = _writer_params(config, model, mesh, rules, log)
+        run = jax.jit(towers)
+        for n, batch in enumerate(batches):
+            arrays = {k: jax.make_array_from_process_local_data(in_shardings[k], batch[k]) for k in media}
+            features = run(params, arrays)  # this process's rows of each, back on the host:
+            local = {k: np.asarray(multihost_utils.global_array_to_host_local_array(
+                v, mesh, sharding.batch_sharding(mesh, v.ndim, rules).spec)) for k, v in features.items()}
+            for key, value in reason_counts(batch).items():
+                if key.startswith("skipped/") and value:
+                    skipped[key] = skipped.get(key, 0) + value
+            for row in np.flatnonzero(batch["example_mask"]):
+                example = {k: local[k][row] for k in local}
+                example.update({k: batch[k][row] for k in ("input_ids", "padding_mask", "labels", "repairs")})
+                writer.write(encode(f"{index}:{n}:{row}", example))
+                written += 1
+            if (n + 1) % 10 == 0:
+                log(f"  {written} examples cached ({written / (time.perf_counter() - started):.1f}/s)")
+    manifest = writer.close(skipped=skipped)
+    multihost_utils.sync_global_devices("feature cache shards written")
+    if count > 1 and index == 0:
+        manifest = _merge_manifests(out, count)
+    log(f"feature cache {out}: {manifest['records']} examples in {len(manifest['shards'])} shards"
+        + (f"; skipped {skipped}" if skipped else "") + f" ({time.perf_counter() - started:.1f} s)")
+    return manifest
+
+
+def _merge_manifests(out: Path, count: int) -> dict:
+    parts = [json.loads((out / f"manifest-p{i:03d}.json").read_text()) for i in range(count)]
+    skipped: dict[str, int] = {}
+    for part in parts:
+        for key, value in part.get("skipped", {}).items():
+            skipped[key] = skipped.get(key, 0) + value
+    merged = {**parts[0], "name": "features", "records": sum(p["records"] for p in parts),
+              "shards": [s for p in parts for s in p["shards"]], "skipped": skipped}
+    (out / "manifest.json").write_text(json.dumps(merged, indent=1))
+    return merged
