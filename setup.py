@@ -43,6 +43,7 @@ setup(
             "vllama-convert=vllama_jax.convert.main:cli",
             "vllama-chat=vllama_jax.infer.chat:cli",
             "vllama-caption=vllama_jax.infer.caption:cli",
+            "vllama-plan=vllama_jax.plan:cli",
         ],
     },
 )

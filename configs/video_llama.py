@@ -1,6 +1,6 @@
 """Video-LLaMA: model sizes, precision, training recipe, mesh and the tiny default's settings.
 
-    --config configs/video_llama.py:llama2_7b_chat      (or vicuna_7b, vicuna_13b, llama2_13b_chat, tiny)
+    --config configs/video_llama.py:llama2_7b_chat      (or vicuna_7b, vicuna_13b, llama2_13b_chat, tiny, bench)
     --config configs/video_llama.py:llama2_7b_chat,vision_stage2     (the visual instruction-tuning recipe)
     --config configs/video_llama.py:llama2_7b_chat,audio_stage1      (or audio_stage2: the audio branch's recipes)
     --config.model.llm.num_layers=2                      (any field can be overridden on the command line)
@@ -49,15 +49,30 @@ TINY = dict(
     num_audio_query_tokens=4,
 )
 
+# The benchmark's model (`python -m vllama_jax.bench`): the visual branch at a size where 2 CPU cores are
+# compute-bound. Every matmul has inner and outer dimensions of 384 or more (a batch of 4 clips is 2,080 ViT
+# tokens and 260 LLM tokens), so one step is ~135 GFLOP of large dots, not dispatch or memory traffic: one step
+# takes seconds, and doubling the batch doubles its time (the report shows it). Dropout is off in the trainable
+# Q-Former so that its loss can be cross-checked against PyTorch's, step by step.
+BENCH = dict(
+    vision=dict(image_size=112, width=512, num_layers=4, num_heads=8, mlp_dim=2048),
+    qformer=dict(hidden_size=384, num_layers=4, num_heads=6, intermediate_size=1536, encoder_width=512, cross_attention_freq=2),
+    video_qformer=dict(hidden_size=384, num_layers=2, num_heads=6, intermediate_size=1536, encoder_width=384,
+                       cross_attention_freq=1, hidden_dropout=0.0, attention_dropout=0.0),
+    max_frame_pos=8,
+    llm=dict(vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_layers=4, num_heads=16, num_kv_heads=16, rms_norm_eps=1e-5),
+)
+SMALL_MODELS = {"tiny": TINY, "bench": BENCH}
+
 
 def _model(arg: str) -> dict:
     full = dataclasses.asdict(VideoLlamaConfig())
-    if arg == "tiny":
-        for key, value in TINY.items():
+    if arg in SMALL_MODELS:
+        for key, value in SMALL_MODELS[arg].items():
             full[key] = {**full[key], **value} if isinstance(value, dict) else value
         return full
     if arg not in LLMS:
-        raise ValueError(f"unknown config {arg!r}: expected 'tiny' or one of {sorted(LLMS)}")
+        raise ValueError(f"unknown config {arg!r}: expected one of {sorted(SMALL_MODELS)} or {sorted(LLMS)}")
     full["llm"] = dataclasses.asdict(LlamaConfig(**LLMS[arg]))
     # Frozen towers in bfloat16 (the original runs the ViT and LLaMA in fp16); the trainable video Q-Former,
     # query tokens, position embedding and llama_proj stay float32.

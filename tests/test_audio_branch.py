@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import hf_reference as ref
+from vllama_jax.bench import torch_reference as ref
 import imagebind_reference as ib_ref
 from vllama_jax.config import load_config, model_config
 from vllama_jax.constants import IGNORE_INDEX
@@ -155,7 +155,7 @@ class TorchAudioBranch(torch.nn.Module):
         super().__init__()
         self.audio_encoder = imagebind
         self.audio_position_embedding = torch.nn.Embedding(8, embed_dim)
-        self.audio_Qformer = ref.tiny_qformer(hidden=hidden, layers=2, encoder_width=embed_dim, freq=1, seed=3)
+        self.audio_Qformer = ref.qformer_model(hidden=hidden, layers=2, encoder_width=embed_dim, freq=1, seed=3)
         self.audio_query_tokens = torch.nn.Parameter(0.02 * torch.randn(1, num_queries, hidden))
         self.audio_llama_proj = torch.nn.Linear(hidden, llm_hidden)
 

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from test_torch_parity import TorchVideoLlama
+from vllama_jax.bench.torch_reference import TorchVideoLlama
 from test_trainer import environment
 from vllama_jax.config import model_config
 from vllama_jax.convert.video_llama import UNUSED_KEYS

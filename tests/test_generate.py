@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import hf_reference as ref
+from vllama_jax.bench import torch_reference as ref
 from vllama_jax.convert import llama as llama_map
 from vllama_jax.convert.mapping import prefixed
 from vllama_jax.convert.video_llama import load_state_dict
@@ -25,7 +25,7 @@ VOCAB = 512
 def pair(request):
     """(transformers model, our model, our params) with the same random weights; EOS id 2, pad 0."""
     scan = request.param
-    torch_model = ref.tiny_llama(vocab=VOCAB, kv_heads=2, seed=5)
+    torch_model = ref.llama_lm(vocab=VOCAB, kv_heads=2, seed=5)
     torch_model.generation_config.pad_token_id = 0
     torch_model.generation_config.eos_token_id = 2
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

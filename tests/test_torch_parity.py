@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import hf_reference as ref
+from vllama_jax.bench import torch_reference as ref
+from vllama_jax.bench.torch_reference import TorchVideoLlama
 from vllama_jax.config import model_config
 from vllama_jax.convert import eva_vit as eva_map
 from vllama_jax.convert import llama as llama_map
@@ -46,7 +47,7 @@ class VisionWithLn(nn.Module):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_vit_and_ln_vision_parity(scan):
-    torch_model = ref.tiny_vision(width=48, layers=3, heads=4, mlp=96, image_size=42)
+    torch_model = ref.vision_model(width=48, layers=3, heads=4, mlp=96, image_size=42)
     cfg = EvaVitConfig(image_size=42, width=48, num_layers=3, num_heads=4, mlp_dim=96, scan_layers=scan)
     rules = prefixed(eva_map.vit_rules(cfg), "visual_encoder.", "visual_encoder") + eva_map.ln_vision_rules()
     x = np.random.default_rng(0).standard_normal((2, 42, 42, 3)).astype(np.float32)
@@ -65,7 +66,7 @@ def test_vit_and_ln_vision_parity(scan):
     [(2, 4, 48, False), (2, 4, 48, True), (1, 2, 40, False), (1, 2, 40, True), (1, 2, 1024, True)],
 )
 def test_qformer_parity(freq, layers, encoder_width, scan):
-    torch_model = ref.tiny_qformer(hidden=32, layers=layers, encoder_width=encoder_width, freq=freq)
+    torch_model = ref.qformer_model(hidden=32, layers=layers, encoder_width=encoder_width, freq=freq)
     cfg = QFormerConfig(
         hidden_size=32, num_layers=layers, num_heads=4, intermediate_size=64, encoder_width=encoder_width,
         cross_attention_freq=freq, scan_layers=scan,
@@ -90,7 +91,7 @@ def test_qformer_parity(freq, layers, encoder_width, scan):
 
 
 def llama_pair(kv_heads, scan):
-    torch_model = ref.tiny_llama(kv_heads=kv_heads)
+    torch_model = ref.llama_lm(kv_heads=kv_heads)
     cfg = LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=kv_heads,
         rms_norm_eps=1e-5, scan_layers=scan,
@@ -170,52 +171,6 @@ def test_cache_overflow_is_loud_not_wrong():
     assert np.isfinite(np.asarray(logits)).all()
     logits, _ = step(state["cache"], ids[:, 4:5], np.array([[4]]))  # a fifth token into a 4-slot cache
     assert np.isnan(np.asarray(logits)).all()
-
-
-class TorchVideoLlama(torch.nn.Module):
-    """The original visual-branch forward, assembled from transformers' modules (stage-1 caption loss)."""
-
-    def __init__(self, cfg, image_token_id):
-        super().__init__()
-        self.image_token_id = image_token_id
-        v, q, vq, llm = cfg.vision, cfg.qformer, cfg.video_qformer, cfg.llm
-        self.visual_encoder = ref.tiny_vision(v.width, v.num_layers, v.num_heads, v.mlp_dim, v.image_size, seed=1)
-        self.Qformer = ref.tiny_qformer(q.hidden_size, q.num_layers, q.num_heads, q.intermediate_size, q.encoder_width, q.cross_attention_freq, seed=2)
-        self.video_Qformer = ref.tiny_qformer(vq.hidden_size, vq.num_layers, vq.num_heads, vq.intermediate_size, vq.encoder_width, vq.cross_attention_freq, seed=3)
-        self.llama_model = ref.tiny_llama(llm.vocab_size, llm.hidden_size, llm.intermediate_size, llm.num_layers, llm.num_heads, llm.num_kv_heads, llm.rms_norm_eps, seed=4)
-        gen = torch.Generator().manual_seed(5)
-        self.query_tokens = torch.nn.Parameter(torch.randn(1, cfg.num_query_tokens, q.hidden_size, generator=gen))
-        self.video_query_tokens = torch.nn.Parameter(torch.randn(1, cfg.num_video_query_tokens, vq.hidden_size, generator=gen))
-        self.video_frame_position_embedding = torch.nn.Embedding(cfg.max_frame_pos, q.hidden_size)
-        self.llama_proj = torch.nn.Linear(vq.hidden_size, llm.hidden_size)
-        self.eval()
-
-    def forward(self, frames, input_ids, attention_mask, labels):
-        b, t = frames.shape[:2]
-        image_embeds = self.visual_encoder(pixel_values=frames.flatten(0, 1)).last_hidden_state
-        q = self.Qformer(query_embeds=self.query_tokens.expand(b * t, -1, -1), encoder_hidden_states=image_embeds).last_hidden_state
-        q = q.view(b, t, q.shape[1], -1) + self.video_frame_position_embedding(torch.arange(t))[None, :, None, :]
-        video = self.video_Qformer(query_embeds=self.video_query_tokens.expand(b, -1, -1), encoder_hidden_states=q.flatten(1, 2)).last_hidden_state
-        soft = self.llama_proj(video)
-        is_image = input_ids == self.image_token_id
-        embeds = self.llama_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
-        embeds[is_image] = soft.reshape(-1, soft.shape[-1])
-        out = self.llama_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
-        return out.loss, out.logits, soft
-
-    def original_state_dict(self):
-        state = {
-            **ref.eva_state_dict(self.visual_encoder),
-            **ref.qformer_state_dict(self.Qformer, "Qformer."),
-            **ref.qformer_state_dict(self.video_Qformer, "video_Qformer."),
-            **ref.llama_state_dict(self.llama_model),
-        }
-        for name in ("query_tokens", "video_query_tokens", "video_frame_position_embedding.weight", "llama_proj.weight", "llama_proj.bias"):
-            state[name] = self.state_dict()[name].numpy().copy()
-        # what real checkpoints also carry, dropped on purpose
-        state["Qformer.bert.embeddings.position_ids"] = np.arange(512)[None]
-        state["llama_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
-        return state
 
 
 @pytest.mark.parametrize("scan", [False, True])

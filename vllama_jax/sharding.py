@@ -61,10 +61,15 @@ def mesh_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]
     A dimension whose size the mesh axes do not divide is replicated instead (tiny test configs, odd vocabularies)
     so every config runs on every mesh; at full size the default rules divide evenly.
     """
-    specs = nn.logical_to_mesh(logical_specs(boxed_tree), rules)
     # read shapes without unboxing: unboxing applies sharding constraints when called under a mesh context
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
     shapes = jax.tree_util.tree_map(lambda x: (x.value if is_box(x) else x).shape, boxed_tree, is_leaf=is_box)
+    return logical_shardings(logical_specs(boxed_tree), shapes, mesh, rules)
+
+
+def logical_shardings(specs: Any, shapes: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of logical PartitionSpecs and a matching tree of shapes (see mesh_shardings)."""
+    specs = nn.logical_to_mesh(specs, rules)
 
     def fit(spec, shape):
         axes = []
@@ -75,6 +80,20 @@ def mesh_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]
         return NamedSharding(mesh, PartitionSpec(*axes))
 
     return jax.tree_util.tree_map(fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def cache_shardings(cache: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a LLaMA KV cache tree (arrays or ShapeDtypeStructs), by its variables' logical axes
+    (`models.llama.CACHE_AXES`; a scanned decoder's leading axis is `layers`)."""
+    from vllama_jax.models.llama import CACHE_AXES
+
+    def spec(path, leaf):
+        axes = CACHE_AXES[path[-1].key]
+        return PartitionSpec(*(("layers",) if len(leaf.shape) > len(axes) else ()), *axes)
+
+    specs = jax.tree_util.tree_map_with_path(spec, cache)
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, cache)
+    return logical_shardings(specs, shapes, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:

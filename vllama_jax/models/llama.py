@@ -57,6 +57,15 @@ def apply_rotary(x, positions, theta: float):
     return x * cos + rotate_half(x) * sin
 
 
+# Logical axes of the KV cache's variables (per layer; a scanned decoder adds a leading `layers` axis).
+CACHE_AXES = {
+    "cached_key": ("activation_batch", "activation_length", "kv_heads", "kv"),
+    "cached_value": ("activation_batch", "activation_length", "kv_heads", "kv"),
+    "cached_mask": ("activation_batch", "activation_length"),
+    "cache_index": (),
+}
+
+
 class LlamaAttention(nn.Module):
     config: LlamaConfig
     decode: bool
@@ -101,6 +110,8 @@ class LlamaAttention(nn.Module):
         )
         cached_mask.value = jax.lax.dynamic_update_slice(cached_mask.value, padding_mask.astype(jnp.bool_), (0, index))
         cache_index.value = index + length
+        for variable in (cached_key, cached_value, cached_mask):  # rows over the batch axes, heads over tensor
+            variable.value = nn.with_logical_constraint(variable.value, CACHE_AXES[variable.name])
         return cached_key.value, cached_value.value, cached_mask.value, index + jnp.arange(length)
 
 

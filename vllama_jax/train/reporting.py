@@ -54,7 +54,9 @@ def peak_flops(device, override: float = 0.0) -> tuple[float, str]:
 
 
 def step_cost(compiled) -> dict[str, float]:
-    """Per-device FLOPs and memory of a compiled step, from XLA's cost and memory analyses."""
+    """Per-device FLOPs and memory of a compiled step, from XLA's cost and memory analyses. `peak_bytes` =
+    arguments + temporaries + outputs not aliased to a donated argument. (XLA counts a scanned loop's body once:
+    `train.flops.scan_aware_flops` corrects the FLOPs of scanned steps.)"""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     memory = compiled.memory_analysis()
@@ -62,6 +64,7 @@ def step_cost(compiled) -> dict[str, float]:
     if memory is not None:
         out.update(argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
                    temp_bytes=memory.temp_size_in_bytes, alias_bytes=memory.alias_size_in_bytes)
+        out["peak_bytes"] = out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"] - out["alias_bytes"]
     return out
 
 

@@ -55,7 +55,8 @@ def startup_summary(build: ShardedStep, cost: dict, peak: tuple[float, str]) -> 
     for path, leaf in sorted(flat, key=lambda kv: -int(np.prod(kv[1].shape)))[:4]:
         lines.append(f"  sharding {jax.tree_util.keystr(path)} {tuple(leaf.shape)} {np.dtype(leaf.dtype).name}: {leaf.sharding.spec}")
     if "argument_bytes" in cost:
-        lines.append("per device: " + ", ".join(f"{k.removesuffix('_bytes')} {cost[k] / 2**20:.1f} MiB" for k in ("argument_bytes", "output_bytes", "temp_bytes")))
+        lines.append("per device: " + ", ".join(f"{k.removesuffix('_bytes')} {cost[k] / 2**20:.1f} MiB" for k in
+                                                ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes")))
     lines.append(f"step: {cost['flops'] / 1e9:.3f} GFLOP per device; peak {peak[0] / 1e12:.3g} TFLOP/s per device ({peak[1]})")
     return lines
 
@@ -173,8 +174,13 @@ def train(config, workdir: str | Path, log=print) -> dict:
         if is_main:
             if cached:
                 log(f"training from the frozen-feature cache {config.data.feature_cache}: the frozen towers do not run")
-            for line in startup_summary(build, cost, peak):
+            summary_lines = startup_summary(build, cost, peak)
+            for line in summary_lines:
                 log(line)
+            (workdir / "startup.json").write_text(json.dumps({  # what vllama-plan predicts for this step
+                "mesh": dict(mesh.shape), "devices": [str(d) for d in jax.devices()], "global_batch": config.batch_size,
+                "text_length": pipeline_cfg.text_length, "cost": cost, "peak_flops": peak[0], "sizes": build.sizes(),
+                "summary": summary_lines}, indent=1) + "\n")
 
         preemption = _Preemption()
         start_step, stop_reason = int(state.step), "done"

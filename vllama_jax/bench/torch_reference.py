@@ -1,8 +1,11 @@
-"""PyTorch references from transformers at tiny random sizes, and their weights under the ORIGINAL key names.
+"""PyTorch references from transformers at random weights, and their weights under the ORIGINAL key names.
 
 HF's Blip2VisionModel / Blip2QFormerModel / LlamaForCausalLM are the same networks as the original EVA ViT,
 LAVIS Q-Former and LLaMA; the renames below turn their state dicts into the original layout so the weights
 reach JAX through the project's own mapping (`vllama_jax.convert`), the one the converter ships.
+`TorchVideoLlama` assembles them into the original visual branch. Used by the parity tests (tiny sizes) and
+by the benchmark (`python -m vllama_jax.bench`), which trains it side by side with ours. Needs torch (the
+`test` extra).
 """
 import re
 
@@ -35,7 +38,7 @@ def numpy_state(module: torch.nn.Module) -> dict:
 
 # ---- EVA ViT (Blip2VisionModel) ----
 
-def tiny_vision(width=48, layers=2, heads=4, mlp=96, image_size=28, seed=0) -> Blip2VisionModel:
+def vision_model(width=48, layers=2, heads=4, mlp=96, image_size=28, seed=0) -> Blip2VisionModel:
     cfg = Blip2VisionConfig(
         hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
         image_size=image_size, patch_size=14, qkv_bias=True, layer_norm_eps=1e-6,
@@ -85,7 +88,7 @@ def eva_state_dict(model: Blip2VisionModel, prefix: str = "visual_encoder.") -> 
 
 # ---- Q-Former (Blip2QFormerModel) ----
 
-def tiny_qformer(hidden=32, layers=2, heads=4, mlp=64, encoder_width=48, freq=2, seed=0) -> Blip2QFormerModel:
+def qformer_model(hidden=32, layers=2, heads=4, mlp=64, encoder_width=48, freq=2, seed=0) -> Blip2QFormerModel:
     cfg = Blip2QFormerConfig(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
         encoder_hidden_size=encoder_width, cross_attention_frequency=freq, layer_norm_eps=1e-12,
@@ -114,7 +117,7 @@ def qformer_state_dict(model: Blip2QFormerModel, prefix: str = "") -> dict:
 
 # ---- LLaMA ----
 
-def tiny_llama(vocab=512, hidden=64, mlp=128, layers=2, heads=4, kv_heads=2, eps=1e-5, seed=0) -> LlamaForCausalLM:
+def llama_lm(vocab=512, hidden=64, mlp=128, layers=2, heads=4, kv_heads=2, eps=1e-5, seed=0) -> LlamaForCausalLM:
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=eps, tie_word_embeddings=False,
@@ -130,3 +133,51 @@ def llama_state_dict(model: LlamaForCausalLM, prefix: str = "llama_model.") -> d
 
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# ---- the visual branch ----
+
+class TorchVideoLlama(torch.nn.Module):
+    """The original visual-branch forward, assembled from transformers' modules (stage-1 caption loss)."""
+
+    def __init__(self, cfg, image_token_id):
+        super().__init__()
+        self.image_token_id = image_token_id
+        v, q, vq, llm = cfg.vision, cfg.qformer, cfg.video_qformer, cfg.llm
+        self.visual_encoder = vision_model(v.width, v.num_layers, v.num_heads, v.mlp_dim, v.image_size, seed=1)
+        self.Qformer = qformer_model(q.hidden_size, q.num_layers, q.num_heads, q.intermediate_size, q.encoder_width, q.cross_attention_freq, seed=2)
+        self.video_Qformer = qformer_model(vq.hidden_size, vq.num_layers, vq.num_heads, vq.intermediate_size, vq.encoder_width, vq.cross_attention_freq, seed=3)
+        self.llama_model = llama_lm(llm.vocab_size, llm.hidden_size, llm.intermediate_size, llm.num_layers, llm.num_heads, llm.num_kv_heads, llm.rms_norm_eps, seed=4)
+        gen = torch.Generator().manual_seed(5)
+        self.query_tokens = torch.nn.Parameter(torch.randn(1, cfg.num_query_tokens, q.hidden_size, generator=gen))
+        self.video_query_tokens = torch.nn.Parameter(torch.randn(1, cfg.num_video_query_tokens, vq.hidden_size, generator=gen))
+        self.video_frame_position_embedding = torch.nn.Embedding(cfg.max_frame_pos, q.hidden_size)
+        self.llama_proj = torch.nn.Linear(vq.hidden_size, llm.hidden_size)
+        self.eval()
+
+    def forward(self, frames, input_ids, attention_mask, labels):
+        b, t = frames.shape[:2]
+        image_embeds = self.visual_encoder(pixel_values=frames.flatten(0, 1)).last_hidden_state
+        q = self.Qformer(query_embeds=self.query_tokens.expand(b * t, -1, -1), encoder_hidden_states=image_embeds).last_hidden_state
+        q = q.view(b, t, q.shape[1], -1) + self.video_frame_position_embedding(torch.arange(t))[None, :, None, :]
+        video = self.video_Qformer(query_embeds=self.video_query_tokens.expand(b, -1, -1), encoder_hidden_states=q.flatten(1, 2)).last_hidden_state
+        soft = self.llama_proj(video)
+        is_image = input_ids == self.image_token_id
+        embeds = self.llama_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        embeds[is_image] = soft.reshape(-1, soft.shape[-1])
+        out = self.llama_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        return out.loss, out.logits, soft
+
+    def original_state_dict(self):
+        state = {
+            **eva_state_dict(self.visual_encoder),
+            **qformer_state_dict(self.Qformer, "Qformer."),
+            **qformer_state_dict(self.video_Qformer, "video_Qformer."),
+            **llama_state_dict(self.llama_model),
+        }
+        for name in ("query_tokens", "video_query_tokens", "video_frame_position_embedding.weight", "llama_proj.weight", "llama_proj.bias"):
+            state[name] = self.state_dict()[name].numpy().copy()
+        # what real checkpoints also carry, dropped on purpose
+        state["Qformer.bert.embeddings.position_ids"] = np.arange(512)[None]
+        state["llama_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+        return state

@@ -1,0 +1,114 @@
+"""`vllama-plan`: the ahead-of-time plan of a step agrees with what a real run on simulated devices compiles and
+holds; the largest-batch search; the decode step's sharded KV cache; the CLI on full-size shapes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from vllama_jax import plan
+from vllama_jax.sharding import make_mesh
+
+
+def _device0_bytes(tree) -> int:
+    """Bytes of a tree of real arrays that live on the first device."""
+    device = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree_util.tree_leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory, tiny_config):
+    """The tiny default's data, tokenizer and frozen checkpoint at test size."""
+    from vllama_jax.train import tiny_default
+
+    config = tiny_config.copy_and_resolve_references()
+    config.data.update(synthetic_clips=8, synthetic_eval_clips=8)
+    config.llm_pretraining.steps = 2
+    config.batch_size = 8
+    config.mesh = {"data": 2, "fsdp": 4, "tensor": 1}
+    config.train.update(steps=2, checkpoint_every=2, log_every=1)
+    config.eval.at_end = False
+    workdir = tmp_path_factory.mktemp("plan_world")
+    return tiny_default.prepare(config, workdir, log=lambda *_: None), workdir
+
+
+def test_the_plan_agrees_with_a_real_run(small_world, tmp_path):
+    """Planned on abstract inputs = compiled by the trainer for its real arrays (memory analysis, byte for byte),
+    and the planned per-device parameter, optimizer and batch bytes = what the real arrays hold on device 0."""
+    from vllama_jax.train.checkpoints import restore_params
+    from vllama_jax.train.sharded import build_sharded_step, unboxed
+    from vllama_jax.train.trainer import train
+    from vllama_jax.models.video_llama import init_params
+
+    config, _ = small_world
+    train(config, tmp_path / "run", log=lambda *_: None)
+    startup = json.loads((tmp_path / "run" / "startup.json").read_text())
+
+    mesh = make_mesh(dict(config.mesh))
+    result = plan.plan_train(config, mesh, per_device_batch=1)
+    assert result["global_batch"] == startup["global_batch"] == 8 and result["text_length"] == startup["text_length"]
+    for key in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes"):
+        assert result["memory"][key] == startup["cost"][key], key
+    assert result["flops_per_device"] == startup["cost"]["flops"]
+    assert result["global"]["trainable"] == startup["sizes"]["trainable"]
+
+    build = build_sharded_step(config, __import__("vllama_jax.config", fromlist=["x"]).model_config(config), result["text_length"])
+    with jax.set_mesh(build.mesh), nn.logical_axis_rules(build.rules):
+        frozen = restore_params(config.train.frozen_checkpoint, unboxed(build.abstract_frozen()), build.frozen_shardings)
+        init = lambda: init_params(build.model, jax.random.PRNGKey(0))  # noqa: E731
+        state = jax.jit(lambda: build.make_state(nn.unbox(init())), out_shardings=build.state_shardings)()
+        batch = {k: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding) for k, v in build.batch.items()}
+    held = result["per_device_parameter_bytes"]
+    assert held["frozen"] == _device0_bytes(frozen) and held["batch"] == _device0_bytes(batch)
+    assert held["trainable"] == _device0_bytes(state.trainable) and held["optimizer"] == _device0_bytes(state.opt_state)
+    # the compiled step's arguments are exactly these arrays (the state's step, rng and skip count included)
+    assert result["memory"]["argument_bytes"] == _device0_bytes((state, frozen, batch))
+    # FSDP over 4: the frozen LLM's embedding table is split, not replicated
+    table = frozen["llama_model"]["embed_tokens"]["embedding"]
+    assert table.addressable_shards[0].data.shape[1] == table.shape[1] // 4
+
+
+def test_largest_batch_search_on_real_compiles(small_world):
+    """The search ends at the batch whose compiled peak fits a capacity and whose successor's does not."""
+    config, _ = small_world
+    mesh = make_mesh(dict(config.mesh))
+    peak = lambda b: plan.plan_train(config, mesh, b, flops=False)["memory"]["peak_bytes"]  # noqa: E731
+    capacity = peak(3) + 1
+    found, seen = plan.largest_batch(peak, capacity)
+    assert found == 3 and seen[3] <= capacity < seen[4]
+    assert len(seen) <= 6, f"too many compiles: {sorted(seen)}"
+    assert plan.largest_batch(peak, seen[1] - 1)[0] == 0
+
+
+def test_decode_plan_shards_the_kv_cache(tiny_config):
+    """One decode row per data×fsdp device and the KV heads over `tensor`: each device holds 1/8 of the cache."""
+    from vllama_jax.config import model_config
+
+    llm = model_config(tiny_config).llm
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    result = plan.plan_decode(tiny_config, mesh, per_device_batch=2, cache_length=64)
+    per_device_rows, heads = 2, llm.num_kv_heads // 2
+    expected = llm.num_layers * (2 * per_device_rows * 64 * heads * llm.head_dim * 4 + per_device_rows * 64)  # k, v float32 + mask
+    assert result["per_device_parameter_bytes"]["kv_cache"] == expected + 4 * llm.num_layers  # + each layer's index
+    assert result["memory"]["peak_bytes"] > 0 and result["flops_per_device"] > 0
+
+
+def test_cli_plans_llama2_7b_on_four_devices(repo_root, tmp_path):
+    """Full-size shapes, nothing allocated: the CLI compiles the 7B stage-1 step over 4 simulated devices."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    out = tmp_path / "plan.json"
+    result = subprocess.run(["vllama-plan", "--config=configs/video_llama.py:llama2_7b_chat", "--devices=4",
+                             "--mesh=fsdp=4", "--noflops", f"--json={out}"], cwd=repo_root, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (planned,) = json.loads(out.read_text())
+    assert planned["global"]["trainable"] == 22_104_064 and planned["devices"] == 4
+    frozen_bf16 = planned["global"]["frozen_bytes"]
+    assert abs(planned["per_device_parameter_bytes"]["frozen"] - frozen_bf16 / 4) / frozen_bf16 < 0.01
+    assert "| v5e |" in result.stdout and "peak" in result.stdout

@@ -1,0 +1,314 @@
+"""`vllama-plan`: size a slice before renting it. The full-size train step (and a decode step) is compiled ahead
+of time on abstract inputs over simulated devices; nothing is allocated.
+
+    vllama-plan --config configs/video_llama.py:llama2_7b_chat --devices 8 --mesh fsdp=8
+    vllama-plan --config configs/video_llama.py:llama2_13b_chat --devices 8 --mesh fsdp=4,tensor=2 --max_batch v5e,v5p
+    vllama-plan --config configs/video_llama.py:llama2_7b_chat --devices 4 --mesh fsdp=4 --decode --json plan.json
+    (ml-collections overrides work: --config.data.num_frames=16)
+
+Per device it reports XLA's memory analysis of the compiled program (arguments, outputs, temporaries, and the
+peak they imply), the FLOPs of one step (scanned layers counted per layer), the parameter and optimizer-state
+bytes split trainable / frozen, and which accelerators' HBM that peak fits. `--max-batch` finds the largest
+per-device batch that fits the named accelerators: memory grows linearly with the batch, so two compiles give the
+line and one or two more confirm its prediction.
+
+The numbers are XLA:CPU's for the same sharded program: the sharding, the parameter and optimizer bytes and the
+batch arrays are exact; temporaries are the CPU compiler's (fusion and layout on a TPU or GPU differ), so read
+them as an estimate and keep headroom.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+# HBM per chip or GPU. TPU capacities as Google documents them (JAX reports them in GiB); GPU capacities as
+# NVIDIA's datasheets give them, in decimal GB (what a process can allocate is a little less still).
+GIB, GB = 2**30, 10**9
+ACCELERATORS = {
+    "v4": (32 * GIB, "TPU v4, 32 GiB HBM2: cloud.google.com/tpu/docs/v4"),
+    "v5e": (16 * GIB, "TPU v5e, 16 GB HBM2: cloud.google.com/tpu/docs/v5e"),
+    "v5p": (95 * GIB, "TPU v5p, 95 GB HBM2e: cloud.google.com/tpu/docs/v5p"),
+    "v6e": (32 * GIB, "TPU v6e (Trillium), 32 GB HBM: cloud.google.com/tpu/docs/v6e"),
+    "a100-40gb": (40 * GB, "NVIDIA A100 40GB HBM2: nvidia.com/en-us/data-center/a100"),
+    "a100-80gb": (80 * GB, "NVIDIA A100 80GB HBM2e: nvidia.com/en-us/data-center/a100"),
+    "h100": (80 * GB, "NVIDIA H100 SXM 80GB HBM3: nvidia.com/en-us/data-center/h100"),
+    "h200": (141 * GB, "NVIDIA H200 141GB HBM3e: nvidia.com/en-us/data-center/h200"),
+}
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'fsdp=4,tensor=2' -> {'data': 1, 'fsdp': 4, 'tensor': 2} (unnamed axes are 1; one may be -1)."""
+    from vllama_jax.sharding import MESH_AXES
+
+    shape = dict.fromkeys(MESH_AXES, 1)
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in shape:
+            raise ValueError(f"--mesh {text!r}: unknown axis {name!r}; axes are {MESH_AXES}")
+        shape[name] = int(value)
+    return shape
+
+
+def _memory(compiled) -> dict[str, int]:
+    """XLA's per-device memory analysis of a compiled step, with its peak (reporting.step_cost, FLOPs apart:
+    they are counted scan-aware below)."""
+    from vllama_jax.train.reporting import step_cost
+
+    return {k: v for k, v in step_cost(compiled).items() if k != "flops"}
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the first device's shards)."""
+    import jax
+    import numpy as np
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def plan_train(config, mesh, per_device_batch: int, text_length: int | None = None, *, cached: bool = False,
+               flops: bool = True) -> dict:
+    """Compile `config`'s train step for `per_device_batch` examples per data-parallel device on `mesh`."""
+    from vllama_jax.config import model_config
+    from vllama_jax.train.flops import compiled_flops, scan_aware_flops
+    from vllama_jax.train.sharded import build_sharded_step
+
+    model_cfg = model_config(config)
+    text_length = text_length or default_text_length(config, model_cfg)
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    build = build_sharded_step(config, model_cfg, text_length, mesh=mesh, batch_size=per_device_batch * replicas, cached=cached)
+    started = time.perf_counter()
+    compiled = build.lower().compile()
+    seconds = time.perf_counter() - started
+    state, frozen, batch = build.abstract_arguments()
+    result = {
+        "step": "train", "config": config.name, "recipe": config.recipe, "branch": config.train.branch, "cached": cached,
+        "mesh": dict(mesh.shape), "devices": mesh.size, "per_device_batch": per_device_batch,
+        "global_batch": per_device_batch * replicas, "text_length": text_length,
+        "memory": _memory(compiled), "compile_seconds": round(seconds, 1),
+        "per_device_parameter_bytes": {"trainable": per_device_bytes(state.trainable), "frozen": per_device_bytes(frozen),
+                                       "optimizer": per_device_bytes(state.opt_state), "batch": per_device_bytes(batch)},
+        "global": build.sizes(),
+    }
+    if flops:
+        started = time.perf_counter()
+        result["flops_per_device"] = scan_aware_flops(model_cfg, lambda m: compiled_flops(
+            build_sharded_step(config, m, text_length, mesh=mesh, batch_size=per_device_batch * replicas,
+                               cached=cached).lower().compile()), unscanned=compiled_flops(compiled))
+        result["flops_seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def default_text_length(config, model_cfg) -> int:
+    """Stage 1's layout, [BOS] + soft tokens + max_txt_len caption tokens (stage 2's prompts add their text:
+    pass --text-length for those)."""
+    soft = model_cfg.num_audio_query_tokens if config.train.branch == "audio" else model_cfg.num_video_query_tokens
+    if config.train.branch == "audio_visual":
+        soft += model_cfg.num_audio_query_tokens
+    return 1 + soft + config.data.max_txt_len
+
+
+def plan_decode(config, mesh, per_device_batch: int, cache_length: int) -> dict:
+    """Compile one cached decoding step of the config's LLM (batch × `cache_length` KV slots) on `mesh`, with one
+    cache per layer as `vllama-chat` serves it (a session unstacks scanned layers: a scanned cache is copied
+    through the loop every token)."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from vllama_jax import sharding
+    from vllama_jax.config import model_config
+    from vllama_jax.infer.generate import GenerationConfig, advance, start
+    from vllama_jax.models.llama import LlamaForCausalLM
+    from vllama_jax.train.flops import compiled_flops
+    from vllama_jax.train.sharded import unboxed
+
+    llm_cfg = dataclasses.replace(model_config(config).llm, scan_layers=False)
+    llm = LlamaForCausalLM(llm_cfg)
+    rules = [tuple(r) for r in config.logical_axis_rules]
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = per_device_batch * replicas
+    gen = GenerationConfig(max_new_tokens=cache_length - 1, eos_token_id=2)
+    boxed = jax.eval_shape(lambda: llm.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed(boxed),
+                                    sharding.mesh_shardings(boxed, mesh, rules))
+    prompt = jax.ShapeDtypeStruct((batch, 1, llm_cfg.hidden_size), jnp.dtype(llm_cfg.dtype))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.eval_shape(lambda p, e: start(llm, p, e, jnp.ones(e.shape[:2], bool), gen), params, prompt)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        batch_leading = lambda x: sharding.batch_sharding(mesh, len(x.shape), rules) if x.shape and x.shape[0] == batch \
+            else replicated  # noqa: E731
+        shardings = {k: (sharding.cache_shardings(v, mesh, rules) if k == "cache" else jax.tree_util.tree_map(batch_leading, v))
+                     for k, v in state.items()}
+        state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        step = jax.jit(lambda p, s: advance(llm, p, s, gen), out_shardings=shardings, donate_argnums=1)
+        started = time.perf_counter()
+        compiled = step.lower(params, state).compile()
+    return {"step": "decode", "config": config.name, "mesh": dict(mesh.shape), "devices": mesh.size,
+            "per_device_batch": per_device_batch, "global_batch": batch, "cache_length": cache_length,
+            "memory": _memory(compiled), "compile_seconds": round(time.perf_counter() - started, 1),
+            "flops_per_device": compiled_flops(compiled),  # one token per row
+            "per_device_parameter_bytes": {"frozen": per_device_bytes(params), "kv_cache": per_device_bytes(state["cache"])}}
+
+
+def largest_batch(peak_of, capacity: int, limit: int = 4096) -> tuple[int, dict[int, int]]:
+    """Largest per-device batch b <= limit with peak_of(b) <= capacity (0 if even 1 does not fit), and every
+    peak measured on the way. The peak grows with b, about linearly: each probe is the batch where the line
+    through the last two measurements reaches the capacity, kept strictly between the largest batch known to
+    fit and the smallest known not to (bisection when the line points outside), so it ends when they meet."""
+    seen: dict[int, int] = {}
+
+    def peak(b):
+        if b not in seen:
+            seen[b] = peak_of(b)
+        return seen[b]
+
+    if peak(1) > capacity:
+        return 0, seen
+    lo, hi, last = 1, limit + 1, [1]
+    guess = 2
+    while hi - lo > 1:
+        b = guess if lo < guess < hi else (lo + hi) // 2
+        if peak(b) <= capacity:
+            lo = b
+        else:
+            hi = b
+        a = last[-1]
+        last.append(b)
+        slope = (peak(b) - peak(a)) / (b - a) if b != a else 0
+        guess = int(b + (capacity - peak(b)) // slope) if slope > 0 else (lo + hi) // 2
+        if guess == lo:  # the line says lo is the answer: check lo + 1 once
+            guess = lo + 1
+    return lo, seen
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def _flop(n: float) -> str:
+    return f"{n / 1e12:,.2f} TFLOP" if n >= 1e11 else f"{n / 1e9:,.3g} GFLOP"
+
+
+def report(result: dict, accelerators: list[str]) -> list[str]:
+    """The plan as Markdown lines."""
+    mem, pb = result["memory"], result["per_device_parameter_bytes"]
+    mesh = " ".join(f"{k}={v}" for k, v in result["mesh"].items())
+    what = (f"train step ({result['recipe']}, branch {result['branch']}{', cached features' if result['cached'] else ''}), "
+            f"{result['per_device_batch']} example(s) per device (global batch {result['global_batch']}), "
+            f"{result['text_length']} tokens" if result["step"] == "train" else
+            f"decode step, {result['per_device_batch']} row(s) per device (global {result['global_batch']}), "
+            f"{result['cache_length']}-slot KV cache")
+    lines = [f"### {result['config']}: {what}; mesh {mesh} ({result['devices']} devices); compiled in {result['compile_seconds']} s", "",
+             "| per device | MiB |", "|---|---|"]
+    names = {"argument_bytes": "arguments", "output_bytes": "outputs", "temp_bytes": "temporaries",
+             "alias_bytes": "outputs aliased to donated arguments"}
+    lines += [f"| {label} | {_mib(mem[k])} |" for k, label in names.items()]
+    lines += [f"| **peak** (arguments + temporaries + outputs − aliased) | **{_mib(mem['peak_bytes'])}** |"]
+    lines += [f"| of the arguments: {k.replace('_', ' ')} | {_mib(v)} |" for k, v in pb.items()]
+    if "flops_per_device" in result:
+        lines += ["", f"FLOPs per step per device: {_flop(result['flops_per_device'])}"
+                  + (f" (all devices: {_flop(result['flops_per_device'] * result['devices'])})" if result["step"] == "train" else "")]
+    if "global" in result:
+        g = result["global"]
+        lines += [f"parameters: {g['trainable']:,} trainable ({_mib(g['trainable_bytes'])} MiB), {g['frozen']:,} frozen "
+                  f"({_mib(g['frozen_bytes'])} MiB); optimizer state {_mib(g['optimizer_bytes'])} MiB (trainable only)"]
+    lines += ["", "| accelerator | HBM GiB | peak / HBM | fits |", "|---|---|---|---|"]
+    for name in accelerators:
+        capacity, _ = ACCELERATORS[name]
+        lines.append(f"| {name} | {capacity / GIB:.1f} | {mem['peak_bytes'] / capacity:.0%} | {'yes' if mem['peak_bytes'] <= capacity else 'no'} |")
+    for name, found in result.get("max_batch", {}).items():
+        lines.append(f"\nlargest per-device batch on {name}: **{found['batch']}** (peaks measured, MiB: "
+                     + ", ".join(f"b={b}: {_mib(p)}" for b, p in sorted(found["peaks"].items())) + ")")
+    return lines
+
+
+def run(config, *, devices: int, meshes: list[str], batch_per_device: int = 1, text_length: int | None = None,
+        cached: bool = False, flops: bool = True, max_batch: list[str] = (), accelerators: list[str] = (),
+        decode: bool = False, decode_batch: int = 8, cache_length: int = 2048, log=print) -> list[dict]:
+    """Plan the train step (and with `decode` a decode step) on each mesh; log the reports; return the results."""
+    import jax
+
+    from vllama_jax.sharding import make_mesh
+
+    for name in (*max_batch, *accelerators):
+        if name not in ACCELERATORS:
+            raise ValueError(f"unknown accelerator {name!r}: known {sorted(ACCELERATORS)}")
+    if len(jax.devices()) < devices:
+        raise ValueError(f"asked for {devices} devices, JAX has {len(jax.devices())}: simulated devices must be "
+                         "requested (XLA_FLAGS=--xla_force_host_platform_device_count) before JAX is imported")
+    results = []
+    for mesh_text in meshes or [f"fsdp={devices}"]:
+        mesh = make_mesh(parse_mesh(mesh_text), jax.devices()[:devices])
+        result = plan_train(config, mesh, batch_per_device, text_length, cached=cached, flops=flops)
+        peaks = {batch_per_device: result["memory"]["peak_bytes"]}  # shared by the accelerators' searches
+
+        def peak_of(b):
+            if b not in peaks:
+                peaks[b] = plan_train(config, mesh, b, text_length, cached=cached, flops=False)["memory"]["peak_bytes"]
+            return peaks[b]
+
+        if max_batch:
+            result["max_batch"] = {}
+            for name in max_batch:
+                found, seen = largest_batch(peak_of, ACCELERATORS[name][0])
+                result["max_batch"][name] = {"batch": found, "peaks": seen}
+        results.append(result)
+        log("\n".join(report(result, accelerators)) + "\n")
+        if decode:
+            results.append(plan_decode(config, mesh, decode_batch, cache_length))
+            log("\n".join(report(results[-1], accelerators)) + "\n")
+    return results
+
+
+def _flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "configs/video_llama.py:llama2_7b_chat", "the config to plan")
+    flags.DEFINE_integer("devices", 8, "simulated devices")
+    flags.DEFINE_multi_string("mesh", [], "mesh axes, e.g. fsdp=8 or fsdp=4,tensor=2 (repeatable; default: fsdp=devices)")
+    flags.DEFINE_integer("batch_per_device", 1, "examples per data-parallel device")
+    flags.DEFINE_integer("text_length", None, "tokens per example (default: stage 1's layout)")
+    flags.DEFINE_bool("cached", False, "the step of a run reading the frozen-feature cache")
+    flags.DEFINE_bool("flops", True, "count the step's FLOPs (a few shallow compiles)")
+    flags.DEFINE_list("max_batch", [], f"accelerators ({', '.join(ACCELERATORS)}) to find the largest per-device batch for")
+    flags.DEFINE_list("accelerators", ["v5e", "v5p", "v6e", "a100-80gb", "h100"], "accelerators the fit table shows")
+    flags.DEFINE_bool("decode", False, "also plan one cached decoding step")
+    flags.DEFINE_integer("decode_batch", 8, "decode rows per data-parallel device")
+    flags.DEFINE_integer("cache_length", 2048, "KV-cache slots (prompt + new tokens)")
+    flags.DEFINE_string("json", None, "also write the results here")
+
+
+def _main(argv):
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    results = run(f.config, devices=f.devices, meshes=f.mesh, batch_per_device=f.batch_per_device, text_length=f.text_length,
+                  cached=f.cached, flops=f.flops, max_batch=f.max_batch, accelerators=f.accelerators, decode=f.decode,
+                  decode_batch=f.decode_batch, cache_length=f.cache_length, log=lambda s: print(s, flush=True))
+    if f.json:
+        with open(f.json, "w") as out:
+            json.dump(results, out, indent=1)
+
+
+def cli():
+    """Simulated devices are requested from XLA before anything imports JAX (the config file does)."""
+    from absl import app
+
+    devices = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), None)
+    if devices is None and "--devices" in sys.argv[:-1]:
+        devices = sys.argv[sys.argv.index("--devices") + 1]
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices or 8}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    _flags()
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    cli()
