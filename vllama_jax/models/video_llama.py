@@ -214,7 +214,12 @@ class VideoLlama(nn.Module):
         cfg = self.config
         is_image = input_ids == cfg.image_token_id
         is_audio = input_ids == cfg.audio_token_id
-        text_embeds = self.llama_model.embed(jnp.where(is_image | is_audio, 0, input_ids))
+        # in the activations' layout (rows over the batch axes) before the gathers, which would otherwise start
+        # from the weights' layout and make XLA replicate the tensor to re-partition it
+        text_embeds = nn.with_logical_constraint(self.llama_model.embed(jnp.where(is_image | is_audio, 0, input_ids)),
+                                                 layers.BATCH_LENGTH_EMBED)
+        soft_tokens, audio_soft_tokens = (None if x is None else nn.with_logical_constraint(x, layers.BATCH_LENGTH_EMBED)
+                                          for x in (soft_tokens, audio_soft_tokens))
         if soft_tokens is not None:
             text_embeds = splice_soft_tokens(text_embeds, is_image, soft_tokens.astype(text_embeds.dtype))
         if audio_soft_tokens is not None:
