@@ -11,8 +11,8 @@ from vllama_jax.data.prepare import shard_paths
 from vllama_jax.data.tokenizer import load_tokenizer
 from vllama_jax.train.feature_cache import reading_config, write_feature_cache
 from vllama_jax.train.inputs import model_and_pipeline
-from vllama_jax.train.sharded import build_sharded_step, unboxed
-from vllama_jax.models.video_llama import FROZEN_TOWERS, init_params
+from vllama_jax.train.sharded import build_sharded_step
+from vllama_jax.models.video_llama import FROZEN_TOWERS
 
 import flax.linen as nn
 
@@ -65,16 +65,12 @@ def test_a_step_from_cached_features_equals_the_end_to_end_step(cache):
     cached_batch = {"video_features": np.stack([r["video_features"] for r in records]).astype(np.float32),
                     **{k: np.stack([r[k] for r in records]) for k in ("input_ids", "padding_mask", "labels")}}
 
-    from vllama_jax.train.checkpoints import restore_params
-
     results = {}
     for cached in (False, True):
         build = build_sharded_step(config, model_cfg, pipeline_cfg.text_length, cached=cached)
         with jax.set_mesh(build.mesh), nn.logical_axis_rules(build.rules):
-            frozen = restore_params(config.train.frozen_checkpoint, unboxed(build.abstract_frozen()),
-                                    build.frozen_shardings, subset=True)
-            init = lambda: init_params(build.model, jax.random.PRNGKey(config.seed))  # noqa: E731
-            state = jax.jit(lambda: build.make_state(nn.unbox(init())), out_shardings=build.state_shardings)()
+            frozen = build.load_frozen(config.train.frozen_checkpoint)
+            state = build.initial_state()
             inputs = cached_batch if cached else batch
             state, metrics = build.step_fn(state, frozen, {k: inputs[k] for k in build.batch})
             results[cached] = jax.device_get((metrics, state.trainable))

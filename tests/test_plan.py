@@ -40,10 +40,9 @@ def small_world(tmp_path_factory, tiny_config):
 def test_the_plan_agrees_with_a_real_run(small_world, tmp_path):
     """Planned on abstract inputs = compiled by the trainer for its real arrays (memory analysis, byte for byte),
     and the planned per-device parameter, optimizer and batch bytes = what the real arrays hold on device 0."""
-    from vllama_jax.train.checkpoints import restore_params
-    from vllama_jax.train.sharded import build_sharded_step, unboxed
+    from vllama_jax.config import model_config
+    from vllama_jax.train.sharded import build_sharded_step
     from vllama_jax.train.trainer import train
-    from vllama_jax.models.video_llama import init_params
 
     config, _ = small_world
     train(config, tmp_path / "run", log=lambda *_: None)
@@ -57,11 +56,10 @@ def test_the_plan_agrees_with_a_real_run(small_world, tmp_path):
     assert result["flops_per_device"] == startup["cost"]["flops"]
     assert result["global"]["trainable"] == startup["sizes"]["trainable"]
 
-    build = build_sharded_step(config, __import__("vllama_jax.config", fromlist=["x"]).model_config(config), result["text_length"])
+    build = build_sharded_step(config, model_config(config), result["text_length"])
     with jax.set_mesh(build.mesh), nn.logical_axis_rules(build.rules):
-        frozen = restore_params(config.train.frozen_checkpoint, unboxed(build.abstract_frozen()), build.frozen_shardings)
-        init = lambda: init_params(build.model, jax.random.PRNGKey(0))  # noqa: E731
-        state = jax.jit(lambda: build.make_state(nn.unbox(init())), out_shardings=build.state_shardings)()
+        frozen = build.load_frozen(config.train.frozen_checkpoint)
+        state = build.initial_state()
         batch = {k: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding) for k, v in build.batch.items()}
     held = result["per_device_parameter_bytes"]
     assert held["frozen"] == _device0_bytes(frozen) and held["batch"] == _device0_bytes(batch)

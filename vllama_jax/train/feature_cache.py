@@ -34,11 +34,10 @@ from vllama_jax.data.features import FeatureShardWriter, encode, read_manifest
 from vllama_jax.data.pipeline import make_single_pass, reason_counts
 from vllama_jax.data.prepare import shard_paths
 from vllama_jax.data.tokenizer import load_tokenizer
-from vllama_jax.models.video_llama import TRAINABLE, VideoLlama, init_params
-from vllama_jax.train.checkpoints import restore_params
+from vllama_jax.models.video_llama import VideoLlama
 from vllama_jax.train.inputs import model_and_pipeline
-from vllama_jax.train.sharded import batch_shapes, unboxed
-from vllama_jax.train.step import batch_keys, media_keys, model_inputs, split_params
+from vllama_jax.train.sharded import batch_shapes, build_sharded_step
+from vllama_jax.train.step import batch_keys, media_keys, model_inputs
 
 
 def cache_layout(config, model_cfg, pipeline_cfg) -> dict:
@@ -67,20 +66,6 @@ def check_feature_cache(folders, config, pipeline_cfg) -> None:
                              f"reads {json.dumps(want)}: rebuild it with vllama-cache for this config")
 
 
-def _writer_params(config, model: VideoLlama, mesh, rules, log):
-    """Every parameter but the LLM's, in its sharding: the frozen ones from train.frozen_checkpoint (or random
-    from the seed), the trainable glue random from the seed (the towers' outputs do not depend on it, but the
-    query tokens `setup` declares must be present for any method to run)."""
-    init = lambda: {k: v for k, v in init_params(model, jax.random.PRNGKey(config.seed)).items() if k != "llama_model"}  # noqa: E731
-    shardings = sharding.mesh_shardings(jax.eval_shape(init), mesh, rules)
-    params = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
-    if not config.train.frozen_checkpoint:
-        log("frozen weights: random from the seed (set train.frozen_checkpoint to a converted checkpoint)")
-        return params
-    frozen = split_params(unboxed(jax.eval_shape(init)), TRAINABLE[config.train.branch])[1]
-    return {**params, **restore_params(config.train.frozen_checkpoint, frozen, {k: shardings[k] for k in frozen}, subset=True)}
-
-
 def write_feature_cache(config, out: str | Path, *, augment: bool = False, records_per_shard: int = 1000,
                         log=print) -> dict:
     """Run the frozen towers of `config`'s branch over `config.data.shards` once and write the cache to `out`
@@ -94,12 +79,10 @@ def write_feature_cache(config, out: str | Path, *, augment: bool = False, recor
     shards = [path for folder in config.data.shards.split(",") for path in shard_paths(folder.strip())]
     batches = make_single_pass(shards, reading_config(pipeline_cfg, augment), tokenizer)
 
-    model = VideoLlama(model_cfg)
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = [tuple(r) for r in config.logical_axis_rules]
-    shapes = batch_shapes(model_cfg, config.batch_size, pipeline_cfg.num_frames, pipeline_cfg.text_length,
-                          pipeline_cfg.clips_per_video)
-    in_shardings = {k: sharding.batch_sharding(mesh, len(shapes[k].shape), rules) for k in media}
+    # the end-to-end step's model, mesh and shardings (nothing is compiled for it here)
+    build = build_sharded_step(config, model_cfg, pipeline_cfg.text_length, cached=False)
+    model, mesh, rules = build.model, build.mesh, build.rules
+    in_shardings = {k: build.batch[k].sharding for k in media}
 
     def towers(params, batch):
         inputs = model_inputs(batch, branch, audio_source)
@@ -119,7 +102,10 @@ def write_feature_cache(config, out: str | Path, *, augment: bool = False, recor
     skipped: dict[str, int] = {}
     started, written = time.perf_counter(), 0
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = _writer_params(config, model, mesh, rules, log)
+        # the towers and the small parameters `setup` declares (query tokens), which any method needs present;
+        # not the LLM. The trainable glue is random from the seed: the towers' outputs do not depend on it.
+        towers_and_glue = tuple(k for k in build.frozen_names if k != "llama_model")
+        params = {**build.load_frozen(config.train.frozen_checkpoint, towers_and_glue, log), **build.initial_state().trainable}
         run = jax.jit(towers)
         for n, batch in enumerate(batches):
             arrays = {k: jax.make_array_from_process_local_data(in_shardings[k], batch[k]) for k in media}

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from vllama_jax import sharding
 from vllama_jax.models.video_llama import FROZEN_TOWERS, TRAINABLE, VideoLlama, VideoLlamaConfig, init_params
+from vllama_jax.train.checkpoints import restore_params
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
 from vllama_jax.train.step import TrainState, batch_keys, init_state, make_train_step, split_params
 
@@ -64,6 +65,28 @@ class ShardedStep:
     batch: dict[str, jax.ShapeDtypeStruct]  # global shapes, with their shardings
     step_fn: Any
     make_state: Any  # params (unboxed) -> TrainState; for jit with out_shardings
+    seed: int
+
+    def random_params(self):
+        """Every parameter, boxed, random from the config's seed (call inside jax.jit; nothing else allocates)."""
+        return init_params(self.model, jax.random.PRNGKey(self.seed))
+
+    def load_frozen(self, checkpoint: str, names: tuple[str, ...] | None = None, log=print) -> dict:
+        """The frozen parameters `names` (default: those the step reads), each in its sharding: from the orbax
+        `checkpoint` (straight into the shardings, after a shape and dtype check; it may hold more), or random
+        from the seed when `checkpoint` is empty. Call under the mesh."""
+        names = self.frozen_names if names is None else names
+        boxed = {k: v for k, v in split_params(self.boxed_params, self.trainable_names)[1].items() if k in names}
+        shardings = sharding.mesh_shardings(boxed, self.mesh, self.rules)
+        if checkpoint:
+            return restore_params(checkpoint, unboxed(boxed), shardings, subset=True)
+        log("frozen weights: random from the seed (set train.frozen_checkpoint to a converted checkpoint)")
+        return jax.jit(lambda: {k: v for k, v in nn.unbox(self.random_params()).items() if k in names},
+                       out_shardings=shardings)()
+
+    def initial_state(self) -> TrainState:
+        """A fresh train state in its shardings, random from the seed (XLA drops the unused frozen half)."""
+        return jax.jit(lambda: self.make_state(nn.unbox(self.random_params())), out_shardings=self.state_shardings)()
 
     @property
     def frozen_names(self) -> tuple[str, ...]:
@@ -113,7 +136,7 @@ def build_sharded_step(config, model_cfg: VideoLlamaConfig, text_length: int, *,
     opt_cfg = OptimizerConfig(**config.optimizer.to_dict())
 
     model = VideoLlama(model_cfg)
-    boxed = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(config.seed)))
+    boxed = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(config.seed)))  # = random_params()
     boxed_frozen = split_params(boxed, trainable_names)[1]
     if cached:
         boxed_frozen = {k: v for k, v in boxed_frozen.items() if k not in FROZEN_TOWERS}
@@ -137,4 +160,5 @@ def build_sharded_step(config, model_cfg: VideoLlamaConfig, text_length: int, *,
     )
     return ShardedStep(model=model, optimizer=optimizer, mesh=mesh, rules=rules, trainable_names=trainable_names,
                        cached=cached, boxed_params=boxed, abstract_state=abstract_state, state_shardings=state_shardings,
-                       frozen_shardings=frozen_shardings, batch=batch, step_fn=step_fn, make_state=make_state)
+                       frozen_shardings=frozen_shardings, batch=batch, step_fn=step_fn, make_state=make_state,
+                       seed=config.seed)

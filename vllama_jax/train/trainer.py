@@ -27,7 +27,6 @@ from vllama_jax.data.features import make_feature_dataset
 from vllama_jax.data.pipeline import make_dataset, make_single_pass, reason_counts
 from vllama_jax.data.prepare import shard_paths
 from vllama_jax.data.tokenizer import load_tokenizer
-from vllama_jax.models.video_llama import init_params
 from vllama_jax.train import reporting, tiny_default
 from vllama_jax.train.checkpoints import restore_params
 from vllama_jax.train.evaluate import caption_dataset, make_greedy_generate
@@ -98,18 +97,6 @@ class _Preemption:
         return anyone or multihost_utils.reached_preemption_sync_point(step)
 
 
-def _frozen_params(config, build: ShardedStep, names: tuple[str, ...], log=print):
-    """The frozen parameters `names`, each in its sharding: from train.frozen_checkpoint (straight into the
-    shardings, after a shape and dtype check), else random from the seed. Call under the mesh."""
-    boxed = {k: v for k, v in split_params(build.boxed_params, build.trainable_names)[1].items() if k in names}
-    shardings = sharding.mesh_shardings(boxed, build.mesh, build.rules)
-    if config.train.frozen_checkpoint:
-        return restore_params(config.train.frozen_checkpoint, unboxed(boxed), shardings, subset=True)
-    log("frozen weights: random from the seed (set train.frozen_checkpoint to a converted checkpoint)")
-    init = lambda: init_params(build.model, jax.random.PRNGKey(config.seed))  # noqa: E731
-    return jax.jit(lambda: {k: v for k, v in nn.unbox(init()).items() if k in names}, out_shardings=shardings)()
-
-
 def train(config, workdir: str | Path, log=print) -> dict:
     """Run (or resume) `config` in `workdir`; returns a summary. Metrics go to workdir/metrics.jsonl."""
     workdir = Path(workdir)
@@ -146,15 +133,14 @@ def train(config, workdir: str | Path, log=print) -> dict:
         options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep, enable_async_checkpointing=True),
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        frozen = _frozen_params(config, build, build.frozen_names, log)
+        frozen = build.load_frozen(train_cfg.frozen_checkpoint, log=log)
         latest = manager.latest_step()  # only complete checkpoints count: orbax commits by an atomic rename
         if latest is None and train_cfg.init_trainable:  # e.g. stage 2 from stage 1: weights only, fresh optimizer
             state = jax.jit(make_state_from, out_shardings=state_shardings)(
                 restore_trainable(train_cfg.init_trainable, unboxed(abstract_state), state_shardings))
             log(f"trainable weights from {train_cfg.init_trainable}")
-        elif latest is None:  # XLA drops the unused frozen half of init
-            init = lambda: init_params(model, jax.random.PRNGKey(config.seed))  # noqa: E731
-            state = jax.jit(lambda: build.make_state(nn.unbox(init())), out_shardings=state_shardings)()
+        elif latest is None:
+            state = build.initial_state()
         else:
             abstract = jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed(abstract_state), state_shardings)
@@ -224,7 +210,7 @@ def train(config, workdir: str | Path, log=print) -> dict:
         if config.eval.at_end and config.data.eval_shards and stop_reason == "done":
             towers = [k for k in split_params(build.boxed_params, build.trainable_names)[1] if k not in frozen]
             if towers:  # trained from cached features: captioning media needs the towers too
-                frozen = {**frozen, **_frozen_params(config, build, tuple(towers), log)}
+                frozen = {**frozen, **build.load_frozen(train_cfg.frozen_checkpoint, tuple(towers), log)}
             summary["eval"] = evaluate(config, model, {**frozen, **state.trainable}, tokenizer, pipeline_cfg, mesh, rules, workdir, log)
     return summary
 
