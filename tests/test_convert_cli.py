@@ -1,10 +1,15 @@
 """`vllama-convert` on real files: the original layouts written with torch at a tiny size (EVA ViT in fp16, a
 BLIP-2 LAVIS checkpoint, a sharded Hugging Face Llama folder, a Video-LLaMA branch checkpoint), imported to orbax,
 run against the PyTorch reference, exported back bit for bit, and refused when wrong."""
+import contextlib
 import dataclasses
+import functools
+import io
 import json
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,7 +20,9 @@ import torch
 from vllama_jax.bench.torch_reference import TorchVideoLlama
 from test_trainer import environment
 from vllama_jax.config import model_config
-from vllama_jax.convert.video_llama import UNUSED_KEYS
+from vllama_jax.convert import sources as src
+from vllama_jax.convert.mapping import flatten
+from vllama_jax.convert.video_llama import UNUSED_KEYS, export_state_dict, scanned_subtrees, video_llama_rules
 from vllama_jax.models.video_llama import VideoLlama
 
 CONFIG = "--config=configs/video_llama.py:tiny"
@@ -28,6 +35,46 @@ def convert(repo_root, *args, ok=True):
                             text=True, timeout=600)
     assert (result.returncode == 0) == ok, result.stdout[-2000:] + result.stderr[-2000:]
     return result
+
+
+def convert_here(repo_root, *args):
+    """`vllama-convert` in this process, so a test can monkeypatch what it calls: (exit code, stdout, stderr)."""
+    from vllama_jax.convert.main import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.chdir(repo_root), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # --help
+            code = exit_.code
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def refused_import(repo_root, tmp_path, sources, *extra):
+    """An import that must fail: checks it wrote nothing (no output, no temporary sibling); returns stderr."""
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+    args = [a for s in sources for a in ("--source", s)]
+    result = convert(repo_root, "import", CONFIG, "--out", out, *args, *extra, ok=False)
+    assert not out.exists() and not leftovers(out)
+    return result.stderr
+
+
+def leftovers(out):
+    """Whatever a writer left beside `out` (`out.partial`, `out.orbax-checkpoint-tmp…`, `out.sources.json`)."""
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(out.name)]
+
+
+def progress_keys(stdout):
+    """The names on the `[i/N] name shape dtype` progress lines, after checking i counts 1..N."""
+    lines = re.findall(r"^ +\[(\d+)/(\d+)\] (\S+) \(", stdout, re.M)
+    assert [int(i) for i, _, _ in lines] == list(range(1, len(lines) + 1)), stdout
+    assert {int(n) for _, n, _ in lines} == {len(lines)}, stdout
+    return [name for _, _, name in lines]
+
+
+def restored(path):
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path.absolute())
 
 
 def as_torch(state):
@@ -77,8 +124,8 @@ def test_import_runs_like_the_pytorch_model(files, imported):
     report = json.loads(out.with_name(out.name + ".sources.json").read_text())
     assert report["parameters"]["llama_proj/kernel"].endswith("video_llama_branch.pth")
     assert report["parameters"]["visual_encoder/cls_token"].endswith("eva_vit_g.pth")
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(out.absolute())
+    params = restored(out)
+    assert sorted(progress_keys(stdout)) == sorted(flatten(params))
     assert params["visual_encoder"]["cls_token"].dtype == np.float16  # dtype preserved
     params32 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
     rng = np.random.default_rng(0)
@@ -98,8 +145,9 @@ def test_import_runs_like_the_pytorch_model(files, imported):
 def test_export_gives_back_the_original_tensors_bit_for_bit(repo_root, files, imported, tmp_path):
     _, state, root, _ = files
     out, _ = imported
-    convert(repo_root, "export", CONFIG, "--params", out, "--out", tmp_path / "video_llama.pth")
+    result = convert(repo_root, "export", CONFIG, "--params", out, "--out", tmp_path / "video_llama.pth")
     exported = torch.load(tmp_path / "video_llama.pth", weights_only=True)["model"]
+    assert sorted(progress_keys(result.stdout)) == sorted(exported)  # a progress line per array
     kept = {k: v for k, v in state.items() if not any(re.fullmatch(p, k) for p in UNUSED_KEYS)}
     assert exported.keys() == kept.keys()
     for key, value in kept.items():
@@ -107,9 +155,10 @@ def test_export_gives_back_the_original_tensors_bit_for_bit(repo_root, files, im
         got = exported[key].numpy()
         assert got.dtype == want.dtype and np.array_equal(got, want), key
     # the original demo's `ckpt`: the trainable parts only
-    convert(repo_root, "export", CONFIG, "--params", out, "--trainable-only", "--out", tmp_path / "ckpt.pth")
+    result = convert(repo_root, "export", CONFIG, "--params", out, "--trainable-only", "--out", tmp_path / "ckpt.pth")
     trainable = torch.load(tmp_path / "ckpt.pth", weights_only=True)["model"]
     assert sorted(trainable) == sorted(k for k in kept if k.startswith(BRANCH))
+    assert sorted(progress_keys(result.stdout)) == sorted(trainable)
 
 
 def test_hf_export_loads_in_transformers_with_the_same_logits(repo_root, files, imported, tmp_path):
@@ -117,8 +166,9 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(repo_root, files, 
 
     torch_model, _, _, _ = files
     out, _ = imported
-    convert(repo_root, "export", CONFIG, "--params", out, "--format", "hf_llama", "--out", tmp_path / "hf")
-    assert json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    result = convert(repo_root, "export", CONFIG, "--params", out, "--format", "hf_llama", "--out", tmp_path / "hf")
+    weight_map = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert weight_map and sorted(progress_keys(result.stdout)) == sorted(weight_map)
     loaded = LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():
@@ -129,12 +179,7 @@ def test_refusals_name_the_problem_and_write_nothing(repo_root, files, tmp_path)
     _, state, root, _ = files
     good = [root / "eva_vit_g.pth", root / "blip2_pretrained.pth", root / "llama-hf", root / "video_llama_branch.pth"]
 
-    def refused(sources, *extra):
-        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
-        args = [a for s in sources for a in ("--source", s)]
-        result = convert(repo_root, "import", CONFIG, "--out", out, *args, *extra, ok=False)
-        assert not out.exists() and not list(tmp_path.glob(f"{out.name}*"))
-        return result.stderr
+    refused = functools.partial(refused_import, repo_root, tmp_path)
 
     # an unknown key
     branch = torch.load(root / "video_llama_branch.pth", weights_only=True)
@@ -159,19 +204,59 @@ def test_refusals_name_the_problem_and_write_nothing(repo_root, files, tmp_path)
     assert "junk.pth: not a readable PyTorch checkpoint" in refused([tmp_path / "junk.pth"])
 
 
-def test_frozen_part_feeds_the_trainer(repo_root, files, tmp_path):
-    """--part frozen is exactly what train.frozen_checkpoint reads (restored into shardings, checked)."""
-    _, _, root, cfg = files
-    convert(repo_root, "import", CONFIG, "--part", "frozen", "--dtype", "float32", "--out", tmp_path / "frozen",
+@pytest.fixture(scope="module")
+def frozen_import(repo_root, files, tmp_path_factory):
+    _, _, root, _ = files
+    out = tmp_path_factory.mktemp("orbax") / "frozen"
+    convert(repo_root, "import", CONFIG, "--part", "frozen", "--dtype", "float32", "--out", out,
             "--source", root / "eva_vit_g.pth", "--source", root / "blip2_pretrained.pth", "--source", root / "llama-hf")
+    return out
+
+
+def test_frozen_part_feeds_the_trainer(files, frozen_import):
+    """--part frozen is exactly what train.frozen_checkpoint reads: the frozen subtrees, in the model's dtype
+    (restored here without shardings; onto a mesh in the next test)."""
+    _, _, _, cfg = files
     from vllama_jax.convert.main import abstract_params
     from vllama_jax.train.checkpoints import restore_params
     from vllama_jax.train.step import split_params
     from vllama_jax.models.video_llama import VISUAL_TRAINABLE
 
-    frozen = restore_params(tmp_path / "frozen", split_params(abstract_params(cfg), VISUAL_TRAINABLE)[1])
+    frozen = restore_params(frozen_import, split_params(abstract_params(cfg), VISUAL_TRAINABLE)[1])
     assert frozen["visual_encoder"]["cls_token"].dtype == np.float32
     assert set(frozen) == {"visual_encoder", "ln_vision", "Qformer", "query_tokens", "llama_model"}
+
+
+def test_frozen_part_restores_onto_an_fsdp_mesh_shard_by_shard(files, frozen_import):
+    """The imported checkpoint restored onto 8 simulated devices (fsdp=8) with the model's NamedShardings: every
+    array arrives with its target sharding, each device holding only its shard, and the values are the source's."""
+    import flax.linen as nn
+
+    from vllama_jax.models.video_llama import VISUAL_TRAINABLE, init_params
+    from vllama_jax.sharding import make_mesh, mesh_shardings
+    from vllama_jax.train.checkpoints import restore_params
+    from vllama_jax.train.step import split_params
+
+    _, state, _, cfg = files
+    mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    boxed = split_params(jax.eval_shape(lambda: init_params(VideoLlama(cfg), jax.random.PRNGKey(0))), VISUAL_TRAINABLE)[1]
+    shardings = mesh_shardings(boxed, mesh)
+    frozen = restore_params(frozen_import, nn.unbox(boxed), shardings)
+    split = 0
+    for (path, array), sharding in zip(jax.tree_util.tree_flatten_with_path(frozen)[0], jax.tree_util.tree_leaves(shardings)):
+        name = jax.tree_util.keystr(path)
+        shard_shape = sharding.shard_shape(array.shape)
+        assert array.sharding == sharding, name
+        assert len(array.addressable_shards) == 8 and {s.data.shape for s in array.addressable_shards} == {shard_shape}, name
+        split += shard_shape != array.shape
+    assert split >= 10  # the fsdp axis really divides the weights (embed, encoder_embed)
+    assert frozen["llama_model"]["embed_tokens"]["embedding"].addressable_shards[0].data.shape == (512, 8)
+    rules = [r for r in video_llama_rules(cfg) if r.targets[0].split("/")[0] in frozen]
+    exported = export_state_dict(jax.tree_util.tree_map(np.asarray, frozen), rules, [p for p, _ in scanned_subtrees(cfg)])
+    kept = [k for k in state if not k.startswith(BRANCH) and not any(re.fullmatch(p, k) for p in UNUSED_KEYS)]
+    assert sorted(exported) == sorted(kept)
+    for key in kept:
+        np.testing.assert_array_equal(exported[key], state[key], err_msg=key)
 
 
 def test_trainable_part_starts_a_run(repo_root, files, tmp_path):
@@ -201,3 +286,170 @@ def test_import_memory_is_bounded_by_one_shard_and_one_array(tmp_path):
     assert report["values_match"] and report["shards"] >= 4
     bound = report["largest_shard_bytes"] + report["largest_output_array_bytes"] + 128 * 2**20
     assert report["peak_minus_dry_run_bytes"] <= bound, report
+
+
+def test_a_source_of_another_dtype_kind_is_refused(repo_root, files, tmp_path):
+    """An integer tensor cannot hold a float parameter's values: refused before anything is written, naming the
+    file, the key and both dtypes, also when --dtype would cast it; a --dtype of another kind is refused too."""
+    _, _, root, _ = files
+    frozen_sources = [root / "eva_vit_g.pth", root / "blip2_pretrained.pth", root / "llama-hf"]
+    branch = torch.load(root / "video_llama_branch.pth", weights_only=True)
+    branch["model"]["llama_proj.bias"] = torch.arange(64, dtype=torch.int64)
+    torch.save(branch, tmp_path / "int_bias.pth")
+    message = f"llama_proj.bias in {tmp_path / 'int_bias.pth'}: dtype int64, but llama_proj/bias is a floating parameter (float32)"
+    assert message in refused_import(repo_root, tmp_path, frozen_sources + [tmp_path / "int_bias.pth"])
+    out = tmp_path / "cast"
+    code, _, stderr = convert_here(repo_root, "import", CONFIG, "--part", "trainable", "--dtype", "float32",
+                                   "--out", out, "--source", tmp_path / "int_bias.pth")
+    assert code == 2 and message in stderr and not leftovers(out)
+    code, _, stderr = convert_here(repo_root, "import", CONFIG, "--part", "trainable", "--dtype", "int32",
+                                   "--out", out, "--source", root / "video_llama_branch.pth")
+    assert code == 2 and "--dtype int32 cannot hold floating parameters" in stderr and not leftovers(out)
+
+
+def test_a_failed_import_write_leaves_no_partial_output(repo_root, files, tmp_path, monkeypatch):
+    """A read failing half-way through writing (a disk error, a file changed underneath) re-raises and leaves
+    neither the output, nor orbax's temporary directory, nor the sources report."""
+    _, _, root, _ = files
+    real_load, calls = src.Tensor.load, []
+
+    def failing_load(tensor):
+        calls.append(tensor.key)
+        if len(calls) == 3:
+            raise OSError("simulated read error")
+        return real_load(tensor)
+
+    monkeypatch.setattr(src.Tensor, "load", failing_load)
+    out = tmp_path / "branch"
+    with pytest.raises(OSError, match="simulated read error"):
+        convert_here(repo_root, "import", CONFIG, "--part", "trainable", "--out", out, "--source", root / "video_llama_branch.pth")
+    assert len(calls) == 3 and not out.exists() and leftovers(out) == []
+
+
+def test_a_failed_export_write_leaves_no_partial_output(repo_root, files, imported, tmp_path, monkeypatch):
+    """The original-layout writer and the Hugging Face writer remove their `.partial` output when writing fails."""
+    from vllama_jax.convert.checkpoint import save_hf_llama
+
+    _, _, _, cfg = files
+    checkpoint, _ = imported
+
+    def torch_save_fails_half_way(obj, path):
+        Path(path).write_bytes(b"PK\x03\x04 half a file")
+        raise OSError("simulated disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", torch_save_fails_half_way)
+        with pytest.raises(OSError, match="simulated disk full"):
+            convert_here(repo_root, "export", CONFIG, "--params", checkpoint, "--out", tmp_path / "vl.pth")
+    assert leftovers(tmp_path / "vl.pth") == []
+
+    import safetensors.torch
+
+    real_save_file, shards = safetensors.torch.save_file, []
+
+    def second_shard_fails(tensors, filename, metadata=None):
+        shards.append(filename)
+        if len(shards) == 2:
+            raise OSError("simulated disk full")
+        real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", second_shard_fails)
+    state = {f"model.layers.{i}.mlp.up_proj.weight": np.ones((64, 32), np.float32) for i in range(3)}
+    lines = []
+    with pytest.raises(OSError, match="simulated disk full"):
+        save_hf_llama(state, cfg.llm, tmp_path / "hf", max_shard_bytes=64 * 32 * 4, progress=lines.append)
+    assert len(lines) == 1 and leftovers(tmp_path / "hf") == []  # one shard was written, then removed
+
+
+def test_later_sources_override_earlier_ones_key_by_key(repo_root, files, tmp_path):
+    """A second file holding llama_proj (MiniGPT-4's projection layout) wins for llama_proj when given after the
+    branch checkpoint and loses when given before it; the rest always comes from the branch checkpoint, and
+    `<out>.sources.json` names the file of every parameter."""
+    _, state, root, _ = files
+    branch, proj = root / "video_llama_branch.pth", tmp_path / "pretrained_minigpt4.pth"
+    rng = np.random.default_rng(1)
+    proj_state = {k: rng.standard_normal(state[k].shape).astype(np.float32) for k in ("llama_proj.weight", "llama_proj.bias")}
+    torch.save({"model": as_torch(proj_state)}, proj)
+    for order, proj_wins in (((branch, proj), True), ((proj, branch), False)):
+        out = tmp_path / f"proj_{'last' if proj_wins else 'first'}"
+        result = convert(repo_root, "import", CONFIG, "--part", "trainable", "--out", out,
+                         *[a for s in order for a in ("--source", s)])
+        origin = json.loads(out.with_name(out.name + ".sources.json").read_text())["parameters"]
+        params = restored(out)
+        assert sorted(origin) == sorted(flatten(params))
+        want = proj_state if proj_wins else state
+        for name in ("llama_proj/kernel", "llama_proj/bias"):
+            assert origin[name] == str(proj if proj_wins else branch), name
+        np.testing.assert_array_equal(params["llama_proj"]["kernel"], want["llama_proj.weight"].T)
+        np.testing.assert_array_equal(params["llama_proj"]["bias"], want["llama_proj.bias"])
+        assert {f for k, f in origin.items() if not k.startswith("llama_proj/")} == {str(branch)}
+        np.testing.assert_array_equal(params["video_query_tokens"], state["video_query_tokens"])
+        assert re.search(rf"llama_proj .*<- {proj.name if proj_wins else branch.name}$", result.stdout, re.M), result.stdout
+
+
+@pytest.fixture(scope="module")
+def bin_llama(files):
+    """The LLM as a Hugging Face folder of `pytorch_model-0000X-of-00003.bin` shards with their index."""
+    torch_model, _, root, _ = files
+    folder = root / "llama-bin"
+    folder.mkdir()
+    torch_model.llama_model.config.save_pretrained(folder)
+    hf_state = {k: v.clone() for k, v in torch_model.llama_model.state_dict().items()}
+    weight_map = {}
+    names = sorted(hf_state)
+    for i in range(3):
+        keys = names[i * len(names) // 3:(i + 1) * len(names) // 3]
+        name = f"pytorch_model-{i + 1:05d}-of-00003.bin"
+        torch.save({k: hf_state[k] for k in keys}, folder / name)
+        weight_map.update({k: name for k in keys})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder, {k: v.numpy() for k, v in hf_state.items()}
+
+
+def test_sharded_pytorch_bin_llama_folder_imports_value_for_value(repo_root, files, bin_llama, tmp_path):
+    """A Hugging Face folder of `.bin` shards with `pytorch_model.bin.index.json` through the CLI: every LLM tensor
+    comes back from the orbax checkpoint equal to the source, dtype included, and the report names its shard."""
+    _, _, _, cfg = files
+    folder, hf_state = bin_llama
+    out = tmp_path / "llm"
+    result = convert(repo_root, "import", CONFIG, "--part", "llama_model", "--out", out, "--source", folder)
+    assert f"source {folder}: hf_llama, {len(hf_state)} tensors in 3 file(s)" in result.stdout
+    origin = json.loads(out.with_name(out.name + ".sources.json").read_text())["parameters"]
+    assert re.fullmatch(rf"{re.escape(str(folder))}/pytorch_model-0000\d-of-00003.bin", origin["llama_model/lm_head/kernel"])
+    rules = [r for r in video_llama_rules(cfg) if r.source.startswith("llama_model.")]
+    exported = export_state_dict(restored(out), rules, [p for p, _ in scanned_subtrees(cfg)])
+    assert sorted(exported) == sorted(f"llama_model.{k}" for k in hf_state)
+    for key, value in hf_state.items():
+        got = exported[f"llama_model.{key}"]
+        assert got.dtype == value.dtype and np.array_equal(got, value), key
+
+
+def test_help_lists_every_option(repo_root):
+    result = subprocess.run(["vllama-convert", "--help"], env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "import" in result.stdout and "export" in result.stdout, result.stderr[-2000:]
+    options = {"import": ("--config", "--source", "--out", "--part", "--dtype", "--dry-run", "--drop-audio"),
+               "export": ("--config", "--params", "--format", "--out", "--trainable-only")}
+    for command, names in options.items():
+        code, stdout, _ = convert_here(repo_root, command, "--help")
+        assert code == 0 and all(name in stdout for name in names), stdout
+
+
+def test_a_truncated_pth_is_refused_with_its_name(repo_root, files, bin_llama, tmp_path):
+    """A `.pth` cut short (at any point) and a cut `.bin` shard of a Hugging Face folder: refused naming the file;
+    through the CLI nothing is written."""
+    _, _, root, _ = files
+    data = (root / "video_llama_branch.pth").read_bytes()
+    for cut in (len(data) - 100, len(data) // 2, 64):
+        truncated = tmp_path / f"branch_{cut}.pth"
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=re.escape(f"{truncated}: not a readable PyTorch checkpoint")):
+            src.open_source(truncated)
+    folder = tmp_path / "llama-bin-broken"
+    shutil.copytree(bin_llama[0], folder)
+    shard = folder / "pytorch_model-00002-of-00003.bin"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: not a readable PyTorch checkpoint")):
+        src.open_source(folder)
+    truncated = tmp_path / f"branch_{len(data) // 2}.pth"
+    stderr = refused_import(repo_root, tmp_path, [root / "eva_vit_g.pth", root / "blip2_pretrained.pth", root / "llama-hf", truncated])
+    assert f"{truncated}: not a readable PyTorch checkpoint" in stderr

@@ -5,15 +5,22 @@ unknown keys) and refuses with every problem named before anything is written. I
 one output array at a time: orbax is handed lazy leaves (`LazyArray`) that are materialised, written and
 released in turn, so peak memory is one output array (for a scanned LLaMA, one stacked weight) plus the source
 tensors it is built from (memory-mapped). The checkpoint is written under a temporary name by orbax and only
-renamed into place when complete.
+renamed into place when complete; every writer here removes its partial output when anything fails, then
+re-raises.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import itertools
 import re
+import shutil
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import type_handlers
@@ -88,6 +95,34 @@ def target_index(rules: Iterable[Rule]) -> dict[str, Piece]:
     return out
 
 
+# A source tensor fills a parameter only if both are of one kind: an integer or bool tensor holds no float weights.
+DTYPE_KINDS = (("floating", jnp.floating), ("complex", jnp.complexfloating), ("integer", jnp.integer), ("bool", jnp.bool_))
+
+
+def dtype_kind(dtype) -> str:
+    """'floating' (bfloat16 included), 'complex', 'integer' (signed or not) or 'bool'."""
+    return next((name for name, kind in DTYPE_KINDS if jnp.issubdtype(dtype, kind)), np.dtype(dtype).name)
+
+
+def _mismatch(piece: Piece, tensor: src.Tensor, target: str, param: jax.ShapeDtypeStruct) -> str | None:
+    """Why `tensor` cannot fill the parameter `target` (its shape, or its dtype's kind), or None if it can."""
+    expected = torch_shape(piece.transform, param.shape)
+    if piece.third is not None:
+        expected = (expected[0] * 3, *expected[1:])
+    if tensor.shape != expected:
+        return f"{piece.key} in {tensor.source}: shape {tensor.shape}, expected {expected} (for {target} {param.shape})"
+    if dtype_kind(tensor.dtype) != dtype_kind(param.dtype):
+        return (f"{piece.key} in {tensor.source}: dtype {tensor.dtype.name}, but {target} is a "
+                f"{dtype_kind(param.dtype)} parameter ({np.dtype(param.dtype).name})")
+    return None
+
+
+def _cast_mismatch(dtype, params: Iterable[jax.ShapeDtypeStruct]) -> str | None:
+    """Why `--dtype` cannot hold the selected parameters (a kind none of them is), or None."""
+    kinds = sorted({dtype_kind(p.dtype) for p in params} - {dtype_kind(dtype)})
+    return f"--dtype {np.dtype(dtype).name} cannot hold {' or '.join(kinds)} parameters" if kinds else None
+
+
 def _materialise(tensor: src.Tensor, piece: Piece, shape: tuple[int, ...], dtype) -> np.ndarray:
     array = tensor.load()
     if piece.third is not None:
@@ -109,7 +144,7 @@ class ImportPlan:
 def plan_import(
     sources: list[src.Source],
     rules: list[Rule],
-    shapes: dict[str, tuple[int, ...]],
+    params: Mapping[str, jax.ShapeDtypeStruct],
     scanned: list[tuple[str, int]],
     *,
     part: Callable[[str], bool] = lambda path: True,
@@ -118,9 +153,12 @@ def plan_import(
 ) -> ImportPlan:
     """Map `sources` (later ones override earlier ones key by key) onto the parameters `part` selects.
 
-    shapes: our unscanned flat shapes ({'visual_encoder/blocks_0/…': shape}); scanned: (subtree, layers) pairs
-    whose layers are stacked in the output. Raises ConversionError naming every problem.
+    params: our unscanned flat parameters' shapes and dtypes ({'visual_encoder/blocks_0/…': ShapeDtypeStruct},
+    `video_llama.unscanned_abstract`); scanned: (subtree, layers) pairs whose layers are stacked in the output.
+    Raises ConversionError naming every problem (missing, unknown, mis-shaped keys; a tensor of another dtype kind
+    than its parameter, e.g. int64 into float32).
     """
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
     merged: dict[str, src.Tensor] = {}
     for source in sources:
         merged.update(source.tensors)
@@ -144,23 +182,23 @@ def plan_import(
     if unknown:
         problems.append(f"{len(unknown)} keys no parameter uses and no list drops: {', '.join(sorted(unknown)[:20])}")
 
-    # every selected parameter: present, right shape, one dtype per output array
+    # every selected parameter: present, right shape and dtype kind, one dtype per output array
     wanted = {t: p for t, p in index.items() if part(t)}
     outside = sorted({p.key for t, p in index.items() if not part(t) and p.key in merged})
+    if dtype and (problem := _cast_mismatch(dtype, [params[t] for t in wanted if t in params])):
+        problems.append(problem)
     per_target: dict[str, tuple[src.Tensor, Piece]] = {}
     for target, piece in sorted(wanted.items()):
-        if target not in shapes:
+        if target not in params:
             problems.append(f"{piece.key}: the model has no parameter {target!r}")
             continue
         tensor = merged.get(piece.key)
         if tensor is None:
             problems.append(f"missing {piece.key} (for {target})")
             continue
-        expected = torch_shape(piece.transform, shapes[target])
-        if piece.third is not None:
-            expected = (expected[0] * 3, *expected[1:])
-        if tensor.shape != expected:
-            problems.append(f"{piece.key} in {tensor.source}: shape {tensor.shape}, expected {expected} (for {target} {shapes[target]})")
+        problem = _mismatch(piece, tensor, target, params[target])
+        if problem:
+            problems.append(problem)
             continue
         per_target[target] = (tensor, piece)
     not_mapped = sorted(t for t in shapes if part(t) and t not in index)
@@ -211,25 +249,51 @@ def plan_import(
     return ImportPlan(leaves, origin, dropped, outside)
 
 
+SOURCES_REPORT = ".sources.json"  # beside the checkpoint: the file each parameter came from, what was dropped
+
+
+def _counter(total: int, progress: Callable[[str], None]) -> Callable[[str, tuple, np.dtype], None]:
+    """report(name, shape, dtype) -> progress("  [i/total] name shape dtype"), i counting the calls from 1."""
+    done = itertools.count(1)
+    return lambda name, shape, dtype: progress(f"  [{next(done)}/{total}] {name} {tuple(shape)} {np.dtype(dtype).name}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def removed_on_error(out: Path, *suffixes: str):
+    """On any exception (Ctrl-C included): remove `out` and its siblings named `out.name + suffix…`, re-raise."""
+    try:
+        yield
+    except BaseException:
+        siblings = [p for suffix in suffixes for p in out.parent.glob(glob.escape(out.name + suffix) + "*")]
+        for path in [out, *siblings]:
+            _remove(path)
+        raise
+
+
 def write_import(plan: ImportPlan, out: str | Path, progress: Callable[[str], None] = lambda line: None) -> Path:
     """Write the planned checkpoint (orbax, one array at a time) and `<out>.sources.json` (the file each
-    parameter came from, and what was dropped); refuses an existing `out`."""
+    parameter came from, and what was dropped); refuses an existing `out`. A failure leaves neither behind
+    (nor orbax's `<out>.orbax-checkpoint-tmp…`)."""
     import json
 
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"{out} already exists; refusing to overwrite")
-    written = []
+    report = _counter(len(plan.leaves), progress)
     for leaf in plan.leaves.values():
-        def report(leaf, total=len(plan.leaves)):
-            written.append(leaf.name)
-            progress(f"  [{len(written)}/{total}] {leaf.name} {leaf.shape} {leaf.dtype.name}")
-        leaf.on_written = report
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        checkpointer.save(out, plan.tree())
-    report_path = out.with_name(out.name + ".sources.json")
-    report_path.write_text(json.dumps({"parameters": plan.origin, "dropped": plan.dropped,
-                                       "not_in_this_part": plan.outside_part}, indent=1) + "\n")
+        leaf.on_written = lambda leaf: report(leaf.name, leaf.shape, leaf.dtype)
+    with removed_on_error(out, ocp.path.atomicity_types.TMP_DIR_SUFFIX, SOURCES_REPORT):
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            checkpointer.save(out, plan.tree())
+        out.with_name(out.name + SOURCES_REPORT).write_text(json.dumps(
+            {"parameters": plan.origin, "dropped": plan.dropped, "not_in_this_part": plan.outside_part}, indent=1) + "\n")
     return out
 
 
@@ -243,47 +307,63 @@ def export_state_dict_subset(flat_unscanned: dict[str, np.ndarray], rules: list[
     return flat_params_to_torch(flat_unscanned, present)
 
 
-def torch_tensors(state_dict: dict[str, np.ndarray]) -> dict:
-    """numpy (bfloat16 included) -> torch tensors with the same bytes."""
+def torch_tensor(array: np.ndarray):
+    """numpy (bfloat16 included) -> a torch tensor with the same bytes."""
     import ml_dtypes
     import torch
 
+    array = np.require(array, requirements="C")
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def torch_tensors(state_dict: dict[str, np.ndarray], report=lambda key, shape, dtype: None) -> dict:
+    """{key: torch tensor with the same bytes}, `report`ing each array as it is converted."""
     out = {}
     for key, array in state_dict.items():
-        array = np.require(array, requirements="C")
-        if array.dtype == ml_dtypes.bfloat16:
-            out[key] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-        else:
-            out[key] = torch.from_numpy(array)
+        out[key] = torch_tensor(array)
+        report(key, array.shape, array.dtype)
     return out
 
 
-def save_original(state_dict: dict[str, np.ndarray], out: str | Path) -> Path:
-    """`{'model': state_dict}` as the original Video-LLaMA saves and loads it; written whole, then renamed."""
+def save_original(state_dict: dict[str, np.ndarray], out: str | Path, progress: Callable[[str], None] = lambda line: None) -> Path:
+    """`{'model': state_dict}` as the original Video-LLaMA saves and loads it; one progress line per array as it
+    goes into the file's tensors, written whole as `<out>.partial` (removed on failure), then renamed."""
     import torch
 
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; refusing to overwrite")
     partial = out.with_name(out.name + ".partial")
-    torch.save({"model": torch_tensors(state_dict)}, partial)
-    partial.rename(out)
+    with removed_on_error(partial):
+        torch.save({"model": torch_tensors(state_dict, _counter(len(state_dict), progress))}, partial)
+        partial.rename(out)
     return out
 
 
-def save_hf_llama(state_dict: dict[str, np.ndarray], llm_config, out: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """A Hugging Face Llama folder (config.json, safetensors shards, index) from `model.*` / `lm_head.*` keys."""
-    import json
-    import shutil
-
-    from safetensors.torch import save_file
-
+def save_hf_llama(state_dict: dict[str, np.ndarray], llm_config, out: str | Path, max_shard_bytes: int = 5 * 2**30,
+                  progress: Callable[[str], None] = lambda line: None) -> Path:
+    """A Hugging Face Llama folder (config.json, safetensors shards, index) from `model.*` / `lm_head.*` keys,
+    written as `<out>.partial` (removed on failure), then renamed; one progress line per array once its shard
+    is written."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; refusing to overwrite")
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    shutil.rmtree(partial, ignore_errors=True)  # left by a process killed outright
+    with removed_on_error(partial):
+        _write_hf_llama(state_dict, llm_config, partial, max_shard_bytes, _counter(len(state_dict), progress))
+        partial.rename(out)
+    return out
+
+
+def _write_hf_llama(state_dict: dict[str, np.ndarray], llm_config, folder: Path, max_shard_bytes: int, report) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
     shards, current, size = [], {}, 0
     for key in sorted(state_dict):
         nbytes = state_dict[key].nbytes
@@ -296,10 +376,12 @@ def save_hf_llama(state_dict: dict[str, np.ndarray], llm_config, out: str | Path
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(torch_tensors(shard), str(partial / name), metadata={"format": "pt"})
+        save_file(torch_tensors(shard), str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
+        for key in shard:
+            report(key, shard[key].shape, shard[key].dtype)
     total = sum(a.nbytes for a in state_dict.values())
-    (partial / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     dtypes = {str(a.dtype) for a in state_dict.values()}
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -311,6 +393,4 @@ def save_hf_llama(state_dict: dict[str, np.ndarray], llm_config, out: str | Path
         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
         "torch_dtype": dtypes.pop() if len(dtypes) == 1 else "float32",
     }
-    (partial / "config.json").write_text(json.dumps(config, indent=1))
-    partial.rename(out)
-    return out
+    (folder / "config.json").write_text(json.dumps(config, indent=1))

@@ -14,6 +14,7 @@ parameter checkpoints and run directories (their newest trainable weights) and w
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from vllama_jax.convert.checkpoint import (
     write_import,
 )
 from vllama_jax.convert.mapping import ConversionError, flatten, unflatten, unstack_numbered
-from vllama_jax.convert.video_llama import UNUSED_KEYS, scanned_subtrees, unscanned_shapes, video_llama_rules
+from vllama_jax.convert.video_llama import UNUSED_KEYS, scanned_subtrees, unscanned_abstract, video_llama_rules
 from vllama_jax.models.video_llama import AUDIO_TRAINABLE, VISUAL_TRAINABLE, VideoLlama, init_params
 
 AUDIO_KEYS = (r"audio_.*",)
@@ -76,8 +77,8 @@ def run_import(args) -> int:
     config = load_config(args.config)
     model_cfg = model_config(config)
     scanned = scanned_subtrees(model_cfg)
-    shapes = unscanned_shapes(abstract_params(model_cfg), scanned)
-    components = {k.split("/")[0] for k in shapes}
+    params = unscanned_abstract(abstract_params(model_cfg), scanned)
+    components = {k.split("/")[0] for k in params}
     if args.part not in ("all", "frozen", "trainable") and not set(args.part.split(",")) <= components:
         raise ValueError(f"--part {args.part}: unknown components {sorted(set(args.part.split(',')) - components)}; "
                          f"the model has {sorted(components)}")
@@ -87,7 +88,7 @@ def run_import(args) -> int:
         sources.append(source)
         print(f"source {path}: {source.kind}, {len(source.tensors)} tensors in {len(source.files)} file(s)", flush=True)
     ignore = list(UNUSED_KEYS) + (list(AUDIO_KEYS) if args.drop_audio else [])
-    plan = plan_import(sources, video_llama_rules(model_cfg), shapes, scanned, part=part_filter(args.part),
+    plan = plan_import(sources, video_llama_rules(model_cfg), params, scanned, part=part_filter(args.part),
                        dtype=args.dtype, ignore=ignore)
     for file, keys in plan.dropped.items():
         print(f"dropped on purpose from {file}: {len(keys)} keys ({', '.join(sorted(keys)[:4])}{', …' if len(keys) > 4 else ''})")
@@ -145,10 +146,12 @@ def run_export(args) -> int:
         state = {k.removeprefix("llama_model."): v for k, v in export_state_dict_subset(flat, rules).items()}
         if len(state) != len(rules):
             raise ConversionError(f"the params hold {len(state)} of the LLM's {len(rules)} tensors")
-        save_hf_llama(state, model_cfg.llm, args.out)
+        write = functools.partial(save_hf_llama, state, model_cfg.llm, args.out)
     else:
         state = export_state_dict_subset(flat, rules)
-        save_original(state, args.out)
+        write = functools.partial(save_original, state, args.out)
+    print(f"writing {len(state)} tensors to {args.out} …", flush=True)
+    write(progress=lambda line: print(line, flush=True))
     print(f"wrote {args.out}: {len(state)} tensors")
     for row in summary_table(unflatten({k.replace(".", "/", 1) if "." in k else k: v for k, v in state.items()})):
         print(row)

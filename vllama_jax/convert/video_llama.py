@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 from vllama_jax.convert import eva_vit, imagebind, llama, qformer
@@ -111,18 +112,23 @@ def export_state_dict(params: Any, rules: list[Rule], scanned: Iterable[str] = (
 
 def unscanned_shapes(abstract_params: Any, scanned: Iterable[tuple[str, int]]) -> dict[str, tuple[int, ...]]:
     """Flat parameter shapes of a (possibly boxed) tree, every scanned stack split into its numbered layers."""
-    flat_shapes = {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract_params)).items()}
+    return {k: v.shape for k, v in unscanned_abstract(abstract_params, scanned).items()}
+
+
+def unscanned_abstract(abstract_params: Any, scanned: Iterable[tuple[str, int]]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat parameter shapes and dtypes of a (possibly boxed) tree, every scanned stack split into its layers."""
+    flat = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in flatten(nn.unbox(abstract_params)).items()}
     for path, count in scanned:
-        flat_shapes = _unstack_shapes(flat_shapes, path, count)
-    return flat_shapes
+        flat = _unstack_abstract(flat, path, count)
+    return flat
 
 
-def _unstack_shapes(flat_shapes: dict, path: str, count: int) -> dict:
-    out = {k: v for k, v in flat_shapes.items() if not k.startswith(f"{path}/")}
-    for key, shape in flat_shapes.items():
+def _unstack_abstract(flat: dict, path: str, count: int) -> dict:
+    out = {k: v for k, v in flat.items() if not k.startswith(f"{path}/")}
+    for key, leaf in flat.items():
         if key.startswith(f"{path}/"):
-            if shape[0] != count:
-                raise ConversionError(f"scanned subtree {path} has leading axis {shape[0]}, expected {count}")
+            if leaf.shape[0] != count:
+                raise ConversionError(f"scanned subtree {path} has leading axis {leaf.shape[0]}, expected {count}")
             for i in range(count):
-                out[f"{path}_{i}/{key[len(path) + 1:]}"] = shape[1:]
+                out[f"{path}_{i}/{key[len(path) + 1:]}"] = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
     return out
