@@ -165,7 +165,9 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
     # frozen_checkpoint: an orbax directory holding every frozen parameter (vllama-convert's output); empty =
     # random from the seed, except for the tiny default, which writes its own. init_trainable: a previous run's
     # work directory whose newest trainable weights start this one (stage 2 from stage 1). peak_flops: per
-    # device, for MFU (0 = the known-accelerator table, or measured on a CPU).
+    # device, for MFU (0 = the known-accelerator table, or measured on a CPU). max_nonfinite: how many steps
+    # with a non-finite loss or gradient (skipped, counted) a run tolerates; one more stops it, saved, with exit
+    # status 1. keep: newest checkpoints kept.
     config.train = dict(steps=recipe["max_epoch"] * recipe["iters_per_epoch"], checkpoint_every=500, keep=3,
                         max_nonfinite=10, log_every=50, frozen_checkpoint="", init_trainable="", peak_flops=0.0,
                         branch=recipe["branch"])

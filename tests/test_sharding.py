@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
+from jax.sharding import AxisType, PartitionSpec
 
 from vllama_jax import sharding
 from vllama_jax.config import model_config
@@ -70,6 +70,24 @@ def test_make_mesh_errors():
     with pytest.raises(ValueError, match="needs 6 devices"):
         sharding.make_mesh((3, 2, 1))
     assert dict(sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1}).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+
+
+def test_make_mesh_takes_jax_make_mesh_device_order(monkeypatch):
+    """The devices are laid out by jax.make_mesh (topology-aware on TPU and GPU). CPU devices have no topology,
+    so one is simulated: a jax.make_mesh that orders its devices in reverse."""
+    real_make_mesh = jax.make_mesh
+
+    def reversed_topology(axis_shapes, axis_names, axis_types=None, *, devices=None):
+        return real_make_mesh(axis_shapes, axis_names, axis_types, devices=list(devices)[::-1])
+
+    monkeypatch.setattr(jax, "make_mesh", reversed_topology)
+    devices = jax.devices()
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in devices[::-1]]
+    subset = sharding.make_mesh((2, 1, 1), devices[2:4])  # explicit devices, as the planner passes them
+    assert [d.id for d in subset.devices.flat] == [devices[3].id, devices[2].id]
+    # Auto axes (jax.make_mesh's default is Explicit): shardings come from the rules and jit's in/out shardings
+    assert mesh.axis_names == sharding.MESH_AXES and set(mesh.axis_types) == {AxisType.Auto}
 
 
 def test_scanned_llm_shards_layers_axis_unsharded(tiny_config):

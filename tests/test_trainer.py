@@ -1,4 +1,5 @@
-"""`vllama-train` on the tiny config: exact resume after SIGKILL, SIGTERM saves and exits 0, frozen stays frozen."""
+"""`vllama-train` on the tiny config: exact resume after SIGKILL, SIGTERM saves and exits 0 (also during start-up),
+frozen stays frozen, `keep` prunes, a half-written checkpoint is not resumed, too many non-finite steps stop."""
 import json
 import os
 import shutil
@@ -20,9 +21,9 @@ SMALL = {"batch_size": 2, "data.synthetic_clips": 12, "data.synthetic_eval_clips
 SMALL_ARGS = [f"--config.{k}={v}" for k, v in SMALL.items()]
 
 
-def command(workdir):
+def command(workdir, *overrides, steps=STEPS):
     return ["vllama-train", "--config=configs/video_llama.py:tiny", f"--workdir={workdir}", *SMALL_ARGS,
-            f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=4", "--config.train.log_every=1000"]
+            f"--config.train.steps={steps}", "--config.train.checkpoint_every=4", "--config.train.log_every=1000", *overrides]
 
 
 def environment():
@@ -40,10 +41,24 @@ def losses(workdir):
     return out
 
 
-def run(workdir, repo_root):
-    result = subprocess.run(command(workdir), cwd=repo_root, env=environment(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+def run(workdir, repo_root, *overrides, steps=STEPS, returncode=0):
+    result = subprocess.run(command(workdir, *overrides, steps=steps), cwd=repo_root, env=environment(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == returncode, result.stderr[-3000:]
     return result
+
+
+def checkpoint_steps(workdir):
+    """The run's checkpoint directory, as step numbers (complete checkpoints) and other names (anything else)."""
+    names = os.listdir(Path(workdir) / "checkpoints")
+    return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if not n.isdigit())
+
+
+def restore_state(workdir, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore((Path(workdir) / "checkpoints" / str(step) / "state").absolute())
 
 
 def interrupt(workdir, repo_root, sig, after_step=9):
@@ -103,6 +118,70 @@ def test_training_reduces_the_loss(uninterrupted):
     assert last < first - 0.2, (first, last)
 
 
+def test_frozen_checkpoint_is_read_not_rewritten(uninterrupted_run, synthetic):
+    """150 steps later the run's frozen/ directory is the one it was given, file for file, byte for byte, and
+    untouched (copytree kept the original's modification times)."""
+    given, used = synthetic / "frozen", uninterrupted_run / "frozen"
+    files = sorted(p.relative_to(given) for p in given.rglob("*") if p.is_file())
+    assert len(files) > 3 and files == sorted(p.relative_to(used) for p in used.rglob("*") if p.is_file())
+    for name in files:
+        assert (used / name).read_bytes() == (given / name).read_bytes(), name
+        assert (used / name).stat().st_mtime_ns == (given / name).stat().st_mtime_ns, name
+
+
+def test_keep_prunes_to_the_newest_checkpoints(uninterrupted_run):
+    # 38 saves (every 4 steps and the last), train.keep = 3 newest kept
+    assert checkpoint_steps(uninterrupted_run) == ([144, 148, 150], [])
+
+
+def test_half_written_checkpoint_is_never_resumed(repo_root, tmp_path, uninterrupted_run, uninterrupted):
+    """A save killed before orbax's final rename leaves `<step>.orbax-checkpoint-tmp`: the restarted run resumes
+    from the newest complete step before it, removes it, and recomputes the same losses."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, workdir)
+    (workdir / "checkpoints" / "150").rename(workdir / "checkpoints" / "150.orbax-checkpoint-tmp")
+    result = run(workdir, repo_root)
+    assert "resumed from step 148" in result.stdout
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == STEPS + 2  # steps 149 and 150 again
+    assert losses(workdir) == uninterrupted
+    assert checkpoint_steps(workdir) == ([144, 148, 150], [])
+
+
+def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_weights(repo_root, tmp_path, uninterrupted_run):
+    """From the finished run's step 150, ten more steps with a NaN RMSNorm eps (every loss NaN) and
+    max_nonfinite=2: two skipped steps are tolerated, the third stops the run with exit status 1 and a checkpoint
+    whose weights are step 150's (skipped updates leave them unchanged)."""
+    import numpy as np
+
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, workdir)
+    result = run(workdir, repo_root, "--config.train.max_nonfinite=2", "--config.model.llm.rms_norm_eps=nan",
+                 steps=STEPS + 10, returncode=1)
+    assert "stopped: 3 non-finite steps (max_nonfinite=2)" in result.stdout, result.stdout[-2000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()][STEPS:]
+    assert [(r["step"], r["finite"]) for r in records] == [(151, False), (152, False), (153, False)]
+    assert checkpoint_steps(workdir) == ([150, 152, 153], [])  # every 4 steps, and where it stopped
+    stopped, last_good = restore_state(workdir, 153), restore_state(workdir, 150)
+    assert int(stopped["step"]) == 153 and int(stopped["skipped"]) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(last_good["trainable"]), jax.tree_util.tree_leaves(stopped["trainable"]), strict=True):
+        np.testing.assert_array_equal(b, a)
+
+
+def test_sigterm_during_startup_exits_zero(repo_root, tmp_path, synthetic):
+    """SIGTERM right after the run's first line (before its data, weights and compilation): it stops before
+    compiling, with exit status 0 and nothing saved."""
+    workdir_with_data(tmp_path, synthetic)
+    proc = subprocess.Popen(command(tmp_path), cwd=repo_root, env={**environment(), "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert first.startswith("training "), first + out + err[-2000:]
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted" in out and "step 1:" not in out
+    assert not (tmp_path / "metrics.jsonl").exists() and checkpoint_steps(tmp_path) == ([], [])
+
+
 def test_sigkill_then_resume_reproduces_the_losses_bitwise(repo_root, tmp_path, synthetic, uninterrupted):
     workdir_with_data(tmp_path, synthetic)
     code = interrupt(tmp_path, repo_root, signal.SIGKILL)
@@ -129,7 +208,6 @@ def test_stage2_recipe_starts_from_stage1_weights_on_instruction_shards(repo_roo
     """`tiny,vision_stage2` on LLaVA-format conversation shards (real JPEGs through vllama-prepare), its trainable
     weights taken from the stage-1 run, its frozen ones from the frozen checkpoint."""
     import numpy as np
-    import orbax.checkpoint as ocp
 
     from vllama_jax.data.prepare import prepare
     from vllama_jax.data.synthetic import SYNTHETIC_COLORS, write_test_image
@@ -163,11 +241,7 @@ def test_stage2_recipe_starts_from_stage1_weights_on_instruction_shards(repo_roo
     assert len(records) == 2 and all(r["examples"] == 4 and r["tokens"] > 0 and np.isfinite(r["loss"]) for r in records)
     assert records[0]["learning_rate"] == pytest.approx(1e-6)  # stage 2's warmup start
 
-    def trainable(run_dir, step):
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore((run_dir / "checkpoints" / str(step) / "state").absolute())["trainable"]
-
-    before, after = trainable(uninterrupted_run, STEPS), trainable(workdir, 2)
+    before, after = restore_state(uninterrupted_run, STEPS)["trainable"], restore_state(workdir, 2)["trainable"]
     changed = 0
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
         np.testing.assert_allclose(b, a, atol=1e-5)  # two AdamW steps at lr ~1e-6 move a weight by ~2e-6
@@ -181,7 +255,6 @@ def test_audio_stage1_trains_only_the_audio_glue(repo_root, tmp_path, synthetic,
     ImageBind's vision tower (the paper's audio stages), "fbank" the clips' audio track; only the audio
     Q-Former, its queries, its position embedding and audio_llama_proj are in the train state."""
     import numpy as np
-    import orbax.checkpoint as ocp
 
     from vllama_jax.data.prepare import prepare
     from vllama_jax.data.synthetic import write_test_video
@@ -206,9 +279,7 @@ def test_audio_stage1_trains_only_the_audio_glue(repo_root, tmp_path, synthetic,
     assert "parameters: 30,400 trainable" in result.stdout, result.stdout  # the tiny audio glue
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(np.isfinite(r["loss"]) and r["examples"] == 2 for r in records)
-    with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore((workdir / "checkpoints" / "2" / "state").absolute())
-    assert sorted(state["trainable"]) == ["audio_Qformer", "audio_llama_proj", "audio_position_embedding", "audio_query_tokens"]
+    assert sorted(restore_state(workdir, 2)["trainable"]) == ["audio_Qformer", "audio_llama_proj", "audio_position_embedding", "audio_query_tokens"]
 
 
 def test_audio_visual_variant_trains_both_branches_and_scores_the_sounds(repo_root, tmp_path):

@@ -10,8 +10,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -36,7 +35,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), one entry may be -1 to take the remaining devices.
+
+    Built by `jax.make_mesh`, which orders the devices by the accelerators' topology (a TPU slice's torus, GPU
+    ids) rather than by their list order. Its axes are Auto, not jax.make_mesh's default Explicit: shardings come
+    from the rules table and the jitted step's explicit in/out shardings, not from array types."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
     if len(sizes) != len(MESH_AXES):
@@ -47,7 +50,7 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[Any] | No
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_specs(boxed_tree: Any) -> Any:

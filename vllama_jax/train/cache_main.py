@@ -15,13 +15,14 @@ _OUT = flags.DEFINE_string("out", None, "new folder for the cache's shards and m
 _AUGMENT = flags.DEFINE_bool("augment", False, "freeze one training draw per clip (head-tail frames, random resized "
                              "crop) instead of the eval transform (uniform frames, resize)")
 _RECORDS = flags.DEFINE_integer("records_per_shard", 1000, "examples per ArrayRecord shard")
+distributed.define_flags()
 
 
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    distributed.initialize()
+    distributed.initialize_from_flags()
     manifest = write_feature_cache(_CONFIG.value, _OUT.value, augment=_AUGMENT.value, records_per_shard=_RECORDS.value)
     print(json.dumps({"records": manifest["records"], "shards": len(manifest["shards"]), "skipped": manifest.get("skipped", {})}))
 

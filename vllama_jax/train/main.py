@@ -1,4 +1,6 @@
-"""`vllama-train --config configs/video_llama.py:tiny --workdir DIR` (ml-collections overrides work)."""
+"""`vllama-train --config configs/video_llama.py:tiny --workdir DIR` (ml-collections overrides work; every
+process of a TPU pod or SLURM job adds `--distributed`). Exit status 0 when the run is done or preempted (saved),
+1 when too many non-finite steps stopped it."""
 from __future__ import annotations
 
 from absl import app, flags, logging
@@ -9,18 +11,17 @@ from vllama_jax.train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/video_llama.py:tiny", "model / data / train config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl (resumes if present)", required=True)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process job outside SLURM / TPU pods")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job (with --coordinator_address)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+distributed.define_flags()
 
 
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize_from_flags()
     result = train(_CONFIG.value, _WORKDIR.value)
     print(result)
+    return 0 if result["stop"] in ("done", "preempted") else 1  # too many non-finite steps: the run failed
 
 
 def cli():

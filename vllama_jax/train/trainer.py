@@ -4,8 +4,12 @@ A run lives in one work directory (`checkpoints/`, `metrics.jsonl`, `tensorboard
 tiny default `data/`, `tokenizer/`, `frozen/`, `eval.json`). Starting again in the same directory resumes from
 the newest complete checkpoint: the train state (trainable parameters, optimizer state, step, rng, skip count)
 and the data iterator's position, so the resumed run computes exactly what the uninterrupted one would have.
-SIGTERM (preemption) saves at the next step boundary and returns normally. Frozen weights are not checkpointed:
-they are read from `train.frozen_checkpoint` (or are random from the seed when it is empty).
+SIGTERM (preemption) is caught from the start: during start-up the run stops before compiling (nothing new to
+save), later it saves at the next step boundary; either way it returns normally. More than `train.max_nonfinite`
+skipped (non-finite) steps stop the run with a checkpoint of the last good weights (skipped updates leave them
+unchanged). A half-written checkpoint (orbax's temporary directory) is never resumed from and is removed at start.
+Frozen weights are not checkpointed: they are read from `train.frozen_checkpoint` (or are random from the seed
+when it is empty).
 """
 from __future__ import annotations
 
@@ -76,19 +80,20 @@ def restore_trainable(source: str, abstract_state, state_shardings):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks at each step boundary. In a multi-process job the processes
-    agree every step (a one-integer all-gather), so a signal to any one of them stops all at the same step; JAX's
-    own preemption notices (TPU maintenance events) count too."""
+    """While entered, turns SIGTERM into a flag the run checks before compiling and at each step boundary. In a
+    multi-process job the processes agree at every check (a one-integer all-gather), so a signal to any one of
+    them stops all at the same step; JAX's own preemption notices (TPU maintenance events) count too."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *_):
+        signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, *_):
         self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
     def agreed(self, step: int) -> bool:
         if jax.process_count() == 1:
@@ -98,8 +103,15 @@ class _Preemption:
 
 
 def train(config, workdir: str | Path, log=print) -> dict:
-    """Run (or resume) `config` in `workdir`; returns a summary. Metrics go to workdir/metrics.jsonl."""
-    workdir = Path(workdir)
+    """Run (or resume) `config` in `workdir`; returns a summary whose "stop" is "done", "preempted" or (too many
+    non-finite steps) "stopped: …". Metrics go to workdir/metrics.jsonl."""
+    # SIGTERM is caught before the first line of start-up (data, weights, compilation can take minutes)
+    with _Preemption() as preemption:
+        return _train(config, Path(workdir), preemption, log)
+
+
+def _train(config, workdir: Path, preemption: _Preemption, log) -> dict:
+    log(f"training {config.name} in {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
     train_cfg = config.train
 
@@ -130,7 +142,8 @@ def train(config, workdir: str | Path, log=print) -> dict:
 
     manager = ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep, enable_async_checkpointing=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep, enable_async_checkpointing=True,
+                                             cleanup_tmp_directories=True),  # half-written saves of a killed run
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         frozen = build.load_frozen(train_cfg.frozen_checkpoint, log=log)
@@ -148,6 +161,10 @@ def train(config, workdir: str | Path, log=print) -> dict:
                 state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
             state = restored["state"]
             log(f"resumed from step {latest}")
+        if preemption.agreed(int(state.step)):  # during start-up: the state is the checkpoint's (or new), no save
+            manager.close()
+            log("preempted")
+            return {"steps": int(state.step), "skipped": int(state.skipped), "stop": "preempted"}
 
         # compiled ahead of time: the startup summary reports its per-device memory and FLOPs
         compiled_step = build.lower().compile()
@@ -168,7 +185,6 @@ def train(config, workdir: str | Path, log=print) -> dict:
                 "text_length": pipeline_cfg.text_length, "cost": cost, "peak_flops": peak[0], "sizes": build.sizes(),
                 "summary": summary_lines}, indent=1) + "\n")
 
-        preemption = _Preemption()
         start_step, stop_reason = int(state.step), "done"
         reporter = reporting.Reporter(workdir, enabled=is_main, total_steps=train_cfg.steps, start_step=start_step,
                                       log_every=train_cfg.log_every, log=log)
@@ -188,18 +204,20 @@ def train(config, workdir: str | Path, log=print) -> dict:
                     "examples_per_second": config.batch_size / seconds, "tokens_per_second": tokens_per_batch / seconds,
                     "mfu": cost["flops"] / seconds / peak[0],
                 })
-                if int(state.skipped) > train_cfg.max_nonfinite:
-                    stop_reason = f"stopped: {int(state.skipped)} non-finite steps (max_nonfinite={train_cfg.max_nonfinite})"
-                    break
-                preempted = preemption.agreed(step + 1)
-                if (step + 1) % train_cfg.checkpoint_every == 0 or preempted or step + 1 == train_cfg.steps:
+                too_many_nonfinite = int(state.skipped) > train_cfg.max_nonfinite  # the same on every process
+                preempted = not too_many_nonfinite and preemption.agreed(step + 1)
+                if ((step + 1) % train_cfg.checkpoint_every == 0 or preempted or too_many_nonfinite
+                        or step + 1 == train_cfg.steps):
                     manager.save(step + 1, args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+                if too_many_nonfinite:
+                    stop_reason = (f"stopped: {int(state.skipped)} non-finite steps (max_nonfinite={train_cfg.max_nonfinite}); "
+                                   f"the checkpoint of step {step + 1} holds the last finite step's weights")
+                    break
                 if preempted:
                     stop_reason = "preempted"
                     break
         finally:
-            preemption.restore()
             reporter.close()
             manager.wait_until_finished()
             manager.close()
