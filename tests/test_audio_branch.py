@@ -70,14 +70,65 @@ def test_imagebind_towers_match_the_original(tiny_imagebind, scan):
 
 
 def test_drop_path_only_in_training_and_only_where_the_original_has_it(tiny_imagebind):
-    _, audio_cfg, vision_cfg = tiny_imagebind
+    torch_model, audio_cfg, vision_cfg = tiny_imagebind
     encoder = ImageBindEncoder(audio_cfg, vision_cfg)
-    x = np.random.default_rng(1).standard_normal((4, 2, 128, 204)).astype(np.float32)
-    params = encoder.init(jax.random.key(0), x, "audio")["params"]
-    run = lambda det, seed: np.asarray(encoder.apply({"params": params}, x, "audio", deterministic=det,  # noqa: E731
-                                                     rngs={"dropout": jax.random.key(seed)})[0])
-    assert np.array_equal(run(True, 0), run(True, 1))
-    assert not np.allclose(run(False, 0), run(True, 0))  # block 1 of 2 drops its residual branches at rate 0.1
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 2, 128, 204)).astype(np.float32)
+    frames = rng.standard_normal((4, 2, 224, 224, 3)).astype(np.float32)
+    params = {**encoder.init(jax.random.key(0), x, "audio")["params"],
+              **encoder.init(jax.random.key(0), frames, "vision")["params"]}
+    run = lambda inputs, modality, det, seed: np.asarray(encoder.apply(  # noqa: E731
+        {"params": params}, inputs, modality, deterministic=det, rngs={"dropout": jax.random.key(seed)})[0])
+    assert np.array_equal(run(x, "audio", True, 0), run(x, "audio", True, 1))
+    assert not np.allclose(run(x, "audio", False, 0), run(x, "audio", True, 0))  # block 1 of 2 drops at rate 0.1
+    # the original's vision trunk has no drop path (imagebind_model.py builds it with drop_path=0.0)
+    assert all(isinstance(b.drop_path, torch.nn.Identity) for b in torch_model.modality_trunks["vision"].blocks)
+    assert vision_cfg.drop_path == 0.0
+    np.testing.assert_array_equal(run(frames, "vision", False, 0), run(frames, "vision", True, 0))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_drop_path_rate_of_block_i_is_the_originals_linspace(scan):
+    """Block i drops its residual branches with probability drop_path · i / (L − 1): measured per block over 4000
+    samples, against the per-block rates of the real ImageBind's audio trunk (torch.linspace(0, 0.1, L))."""
+    from vllama_jax.models.imagebind import ImageBindTower
+
+    num_blocks, samples = 5, 4000
+    torch_model, audio_cfg, _ = ib_ref.tiny_imagebind(seed=0, audio_num_blocks=num_blocks)
+    expected = [getattr(b.drop_path, "drop_prob", 0.0) for b in torch_model.modality_trunks["audio"].blocks]
+    np.testing.assert_allclose(expected, np.linspace(0, 0.1, num_blocks), atol=1e-7)
+    # a 2 × 2-patch input keeps 4000 samples cheap; the rate does not depend on the input size
+    cfg = dataclasses.replace(audio_cfg, input_size=(26, 26), width=16, num_heads=2, mlp_dim=32, out_dim=8)
+    tower = ImageBindTower(dataclasses.replace(cfg, scan_layers=False))
+    x = np.random.default_rng(2).standard_normal((samples, 26, 26)).astype(np.float32)
+    base = jax.tree_util.tree_map(np.asarray, nn.unbox(tower.init(jax.random.key(0), x[:1])["params"]))
+    zero = lambda tree: jax.tree_util.tree_map(np.zeros_like, tree)  # noqa: E731
+
+    def only_attention_of(block):
+        """Every residual branch zero but block `block`'s attention: a sample's output equals the all-zero
+        tower's exactly when that branch was dropped."""
+        params = dict(base)
+        for i in range(num_blocks):
+            params[f"blocks_{i}"] = {**base[f"blocks_{i}"], "fc2": zero(base[f"blocks_{i}"]["fc2"])}
+            if i != block:
+                attn = base[f"blocks_{i}"]["attn"]
+                params[f"blocks_{i}"]["attn"] = {**attn, "out_proj": zero(attn["out_proj"])}
+        if scan:  # the scanned layout: one `blocks` subtree, a leading layers axis
+            stacked = [params.pop(f"blocks_{i}") for i in range(num_blocks)]
+            params["blocks"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *stacked)
+        return params
+
+    model = ImageBindTower(dataclasses.replace(cfg, scan_layers=scan))
+    run = jax.jit(lambda p, det: model.apply({"params": p}, x, det, rngs={"dropout": jax.random.key(3)})[0],
+                  static_argnums=1)
+    all_zero = np.asarray(run(only_attention_of(-1), True))
+    measured = []
+    for block in range(num_blocks):
+        trained = np.asarray(run(only_attention_of(block), False))
+        measured.append(float(np.all(trained == all_zero, axis=-1).mean()))
+    print(f"[drop path] per-block drop rate (scan={scan}): measured {np.round(measured, 4)}, original {np.round(expected, 4)}")
+    assert measured[0] == 0.0  # block 0 never drops
+    np.testing.assert_allclose(measured, expected, atol=0.02)  # 4000 samples: std ≤ 0.005
 
 
 def _patched_init():
@@ -213,6 +264,25 @@ def test_audio_soft_tokens_match_the_original_branch(audio_model, modality):
     report(f"audio soft tokens from {modality}", ref.max_abs(ours, theirs))
 
 
+def test_an_image_batched_as_masked_frames_is_the_originals_one_frame_clip(audio_model):
+    """The audio stages read an image through ImageBind's vision tower as the original's T = 1 clip (audio
+    position 0, one embedding): batched as 4 copies with frame_mask [1, 0, 0, 0] it gives the same soft tokens."""
+    cfg, model, params, torch_branch = audio_model
+    image = np.random.default_rng(5).standard_normal((1, 1, 224, 224, 3)).astype(np.float32)
+    copies, mask = np.repeat(image, 4, axis=1), np.array([[True, False, False, False]])
+    with torch.no_grad():
+        theirs = torch_branch(torch.from_numpy(image).permute(0, 1, 4, 2, 3).contiguous(), "vision").numpy()
+    one = model.apply({"params": params}, image, "vision", method=VideoLlama.encode_audio)
+    masked = model.apply({"params": params}, copies, "vision", frame_mask=mask, method=VideoLlama.encode_audio)
+    unmasked = model.apply({"params": params}, copies, "vision", method=VideoLlama.encode_audio)
+    assert ref.max_abs(masked, one) <= 1e-6
+    report("audio soft tokens of an image as 4 masked frames vs the original's 1 frame", ref.max_abs(masked, theirs))
+    assert ref.max_abs(unmasked, one) > 1e-4  # without the mask the copies (and their positions) count
+    # the training path: frames to the audio branch with the batch's frame_mask (VideoLlama.encode routes it)
+    soft = model.apply({"params": params}, None, copies, "vision", frame_mask=mask, method=VideoLlama.encode)
+    np.testing.assert_array_equal(soft["audio"], masked)
+
+
 def test_real_mp4_audio_track_to_caption_loss(audio_model, tmp_path):
     """A generated mp4 with an AAC tone → fbank clips → ImageBind audio tower → audio Q-Former → soft tokens at
     the `<AudioHere>` tokens → LLM loss; gradients reach the audio glue and only it."""
@@ -330,7 +400,15 @@ def test_audio_visual_prompt_carries_both_blocks_in_the_original_order(audio_mod
     np.testing.assert_array_equal(embeds[0, ids[0] == cfg.image_token_id], soft["video"][0])
     both, _ = model.apply({"params": params}, frames, ids, audio=fbank)
     video_only, _ = model.apply({"params": params}, frames, ids)
-    audio_only, _ = model.apply({"params": params}, None, ids, audio=fbank)
-    assert both.shape == video_only.shape == audio_only.shape and not np.allclose(both, video_only)
+    assert both.shape == video_only.shape and not np.allclose(both, video_only)
+    # audio only: a prompt with the audio block alone (no <ImageHere>, no frames), and the logits hear the sound
+    heard_text = tokenizer(" the cat sat on the mat", add_special_tokens=False)["input_ids"]
+    audio_ids = np.array([[tokenizer.bos_token_id, *[cfg.audio_token_id] * cfg.num_audio_query_tokens, *heard_text]], np.int32)
+    assert not (audio_ids == cfg.image_token_id).any()
+    audio_only, soft_only = model.apply({"params": params}, None, audio_ids, audio=fbank)
+    silent, _ = model.apply({"params": params}, None, audio_ids, audio=np.zeros_like(fbank))
+    assert set(soft_only) == {"audio"} and audio_only.shape == (1, audio_ids.shape[1], cfg.llm.vocab_size)
+    moved = np.abs(np.asarray(audio_only) - np.asarray(silent)).max(axis=-1)[0]
+    assert moved[0] == 0 and (moved[1:] > 1e-4).all()  # causal: from the first audio token on, every position
     image = model.apply({"params": params}, frames[:, :1], method=VideoLlama.encode_video)  # an image: one frame
     assert image.shape == (1, cfg.num_video_query_tokens, cfg.llm.hidden_size)

@@ -1,5 +1,6 @@
 """The demo's inference conversation (infer/chat_prompt.py): prompt strings as the original get_prompt writes
 them, segment-wise tokenisation around the placeholders, stop sequences and answer clean-up."""
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -128,7 +129,9 @@ def test_audio_and_video_of_a_real_mp4_reach_the_prompt(av_session, tmp_path):
     changed = np.flatnonzero(np.abs(heard - silent).max(-1)[0] > 0)
     np.testing.assert_array_equal(changed, np.flatnonzero(ids == audio))  # the sound moves its soft tokens only
     first = chat.ask("What do you hear?")
-    assert first["new_tokens"] >= 1 and first["prompt_tokens"] == len(ids)
+    assert first["prompt_tokens"] == len(ids) and first["dropped_prompt_tokens"] == 0
+    streamed = Chat(s, "vicuna", "video", frames, seconds, clips, dict(max_new_tokens=4, do_sample=False), seed=0)
+    assert streamed.ask_streaming("What do you hear?", write=lambda _: None) == first["answer"]  # the two paths agree
     second = chat.ask("And now?")  # the second prompt carries the first exchange
     assert second["prompt_tokens"] > first["prompt_tokens"] + first["new_tokens"]
 
@@ -143,11 +146,39 @@ def test_an_image_is_one_frame_with_the_image_message(av_session, tmp_path):
     assert frames.shape == (1, s.image_size, s.image_size, 3)
     chat = Chat(s, "llama_2", "image", frames, None, None, dict(max_new_tokens=3, do_sample=False), seed=0)
     turn = chat.ask("What colour is it?")
-    assert turn["new_tokens"] >= 1
     assert chat.conversation.messages[0][1].startswith("<Image><ImageHere></Image>  What colour is it?")
+    assert chat.conversation.messages[1] == ["ASSISTANT", turn["answer"]]  # the answer joins the conversation
     (tmp_path / "broken.jpg").write_bytes(b"nope")
     with pytest.raises(ValueError, match="broken.jpg: not a readable image"):
         image_frames(tmp_path / "broken.jpg", s.image_size)
+
+
+def test_a_long_conversation_keeps_its_end_as_the_demo(av_session, tmp_path):
+    """max_length (the demo's 2000): the prompt's embeddings, soft tokens spliced in, keep their last
+    max_length − max_new_tokens positions; here the cut falls inside the video's soft-token block."""
+    import numpy as np
+
+    from vllama_jax.data.synthetic import write_test_video
+    from vllama_jax.infer.chat import Chat
+    from vllama_jax.infer.session import video_frames
+
+    s = av_session
+    frames, seconds = video_frames(write_test_video(tmp_path / "clip.mp4", num_frames=24), s.num_frames, s.image_size)
+    overrides = dict(max_new_tokens=3, do_sample=False)
+    ids = np.asarray(chat_prompt_ids(Chat(s, "vicuna", "video", frames, seconds, None, overrides, seed=0), "What?"))
+    image = s.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    begin = int(np.flatnonzero(ids == image)[1])  # drop BOS, the text before the block and its first soft token
+    chat = Chat(s, "vicuna", "video", frames, seconds, None, dict(overrides, max_length=len(ids) - begin + 3), seed=0)
+    turn = chat.ask("What?")
+    assert turn["prompt_tokens"] == len(ids) and turn["dropped_prompt_tokens"] == begin
+    # the same answer from the embeddings cut by hand, generated without a max_length
+    mask = np.ones_like(ids, bool)[None]
+    embeds, _ = s.prompt_embeddings(ids[None], mask, frames[None])
+    cfg = dataclasses.replace(chat.cfg, stop_sequences=cp.stop_sequences(s, None, "vicuna"), max_length=None)
+    tokens = [int(t[0]) for t in s.stream(embeds[:, begin:], mask[:, begin:], cfg)]
+    text = s.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert turn["new_tokens"] == len(tokens) and turn["answer"] == cp.answer_text("vicuna", text)
+    assert tokens != [int(t[0]) for t in s.stream(embeds, mask, cfg)]  # the whole prompt answers otherwise
 
 
 def chat_prompt_ids(chat, question):

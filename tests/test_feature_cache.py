@@ -56,32 +56,39 @@ def test_cache_holds_every_clip_with_the_pipelines_tokens(cache):
 
 
 def test_a_step_from_cached_features_equals_the_end_to_end_step(cache):
-    """Same media, same rng: the cached step's loss, gradient norm and updated glue equal the end-to-end step's."""
+    """Same media, same rng: the cached step's loss, gradient norm and updated glue equal the end-to-end step's,
+    with the clips' own frame masks (stored in the cache) and with two rows' masked as images' would be."""
     config, out, _, _ = cache
     tokenizer = load_tokenizer(config.data.tokenizer)
     model_cfg, pipeline_cfg = model_and_pipeline(config, tokenizer)
     batch = next(iter(make_single_pass(shard_paths(config.data.shards), reading_config(pipeline_cfg), tokenizer)))
     records = [decode(r)[1] for r in grain.sources.ArrayRecordDataSource(shard_paths(out))][:len(batch["input_ids"])]
     cached_batch = {"video_features": np.stack([r["video_features"] for r in records]).astype(np.float32),
-                    **{k: np.stack([r[k] for r in records]) for k in ("input_ids", "padding_mask", "labels")}}
+                    **{k: np.stack([r[k] for r in records]) for k in ("frame_mask", "input_ids", "padding_mask", "labels")}}
+    assert cached_batch["frame_mask"].shape == (8, 4) and cached_batch["frame_mask"].all()  # videos: every frame real
+    image_rows = np.ones((8, 4), bool)
+    image_rows[:2, 1:] = False
 
     results = {}
     for cached in (False, True):
         build = build_sharded_step(config, model_cfg, pipeline_cfg.text_length, cached=cached)
         with jax.set_mesh(build.mesh), nn.logical_axis_rules(build.rules):
             frozen = build.load_frozen(config.train.frozen_checkpoint)
-            state = build.initial_state()
-            inputs = cached_batch if cached else batch
-            state, metrics = build.step_fn(state, frozen, {k: inputs[k] for k in build.batch})
-            results[cached] = jax.device_get((metrics, state.trainable))
+            for masked in (False, True):
+                state = build.initial_state()
+                inputs = dict(cached_batch if cached else batch, **({"frame_mask": image_rows} if masked else {}))
+                state, metrics = build.step_fn(state, frozen, {k: inputs[k] for k in build.batch})
+                results[cached, masked] = jax.device_get((metrics, state.trainable))
         if cached:
             assert not set(FROZEN_TOWERS) & set(frozen), "a cached step must not read the towers"
-    (m_e2e, p_e2e), (m_cached, p_cached) = results[False], results[True]
-    print(f"[feature cache] loss end-to-end {m_e2e['loss']:.8f} cached {m_cached['loss']:.8f}")
-    assert abs(float(m_e2e["loss"]) - float(m_cached["loss"])) <= 1e-6
-    assert abs(float(m_e2e["grad_norm"]) - float(m_cached["grad_norm"])) <= 1e-5 * float(m_e2e["grad_norm"])
-    for a, b in zip(jax.tree_util.tree_leaves(p_e2e), jax.tree_util.tree_leaves(p_cached)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    for masked in (False, True):
+        (m_e2e, p_e2e), (m_cached, p_cached) = results[False, masked], results[True, masked]
+        print(f"[feature cache] loss end-to-end {m_e2e['loss']:.8f} cached {m_cached['loss']:.8f} (masked={masked})")
+        assert abs(float(m_e2e["loss"]) - float(m_cached["loss"])) <= 1e-6
+        assert abs(float(m_e2e["grad_norm"]) - float(m_cached["grad_norm"])) <= 1e-5 * float(m_e2e["grad_norm"])
+        for a, b in zip(jax.tree_util.tree_leaves(p_e2e), jax.tree_util.tree_leaves(p_cached)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    assert abs(float(results[True, True][0]["loss"]) - float(results[True, False][0]["loss"])) > 1e-6  # it is read
 
 
 def test_the_trainer_runs_from_the_cache_and_refuses_another_layout(cache, tmp_path):
@@ -106,7 +113,7 @@ def test_the_trainer_runs_from_the_cache_and_refuses_another_layout(cache, tmp_p
 
 def test_feature_batches_resume_where_they_stopped(cache):
     _, out, _, _ = cache
-    keys = ("video_features", "input_ids", "padding_mask", "labels")
+    keys = ("video_features", "frame_mask", "input_ids", "padding_mask", "labels")
     it = iter(make_feature_dataset(shard_paths(out), keys, 4, seed=3))
     next(it)
     saved = it.get_state()

@@ -191,12 +191,41 @@ def test_streaming_yields_the_generated_tokens(pair):
 
 
 def test_benchmark_quick_mode_checks_tokens_and_reports_ratios(capsys):
+    import math
+
     from vllama_jax.infer import benchmark
 
     results = benchmark.main(["--quick"])
-    assert [r["batch"] for r in results] == [1, 4]
-    assert all(r["same_tokens"] and r["decode_speedup"] > 0 and r["prefill_speedup"] > 0 for r in results)
-    assert "| tiny |" in capsys.readouterr().out
+    assert [(r["batch"], r["prompt"], r["new_tokens"]) for r in results] == [(1, 16, 16), (4, 16, 16)]
+    for r in results:
+        assert r["same_tokens"]  # greedy tokens equal transformers' generate
+        figures = [*r["prefill_ms"].values(), *r["decode_tokens_per_s"].values(), r["prefill_speedup"], r["decode_speedup"]]
+        assert all(math.isfinite(x) and x > 0 for x in figures), r
+    assert capsys.readouterr().out.count("| tiny |") == 2
+
+
+def test_max_length_keeps_the_end_of_the_prompt_as_the_demo(pair):
+    """The demo's Chat.answer: begin_idx = max(0, prompt + max_new_tokens − max_length), prompt embeddings cut
+    to [begin_idx:], then transformers' generate. Each left-padded row keeps its own last positions."""
+    from vllama_jax.infer.generate import DEMO, context_start, stream
+
+    torch_model, model, params = pair
+    assert DEMO.max_length == 2000 and context_start(1700, DEMO) == 0 and context_start(1750, DEMO) == 50
+    cfg = GenerationConfig(max_new_tokens=6, max_length=11)  # room for 5 prompt positions of the longest 8
+    keep = cfg.max_length - cfg.max_new_tokens
+    expected = theirs(torch_model, [p[-keep:] for p in PROMPTS], do_sample=False, max_new_tokens=6)
+    got, _ = ours(model, params, PROMPTS, cfg)
+    assert got == expected
+    assert got != ours(model, params, PROMPTS, GenerationConfig(max_new_tokens=6))[0]  # the cut changed something
+    ids, mask = left_padded(PROMPTS)
+    embeds = model.apply({"params": params}, jnp.asarray(ids), method=LlamaForCausalLM.embed)
+    steps = np.stack([np.asarray(t) for t in stream(model, params, embeds, jnp.asarray(mask), cfg)], axis=1)
+    assert [list(steps[row, : len(tokens)]) for row, tokens in enumerate(got)] == got  # streaming cuts alike
+    beams = GenerationConfig(max_new_tokens=6, max_length=11, num_beams=2)
+    assert ours(model, params, PROMPTS[:1], beams)[0] == ours(
+        model, params, [PROMPTS[0][-keep:]], GenerationConfig(max_new_tokens=6, num_beams=2))[0]
+    with pytest.raises(ValueError, match="max_length 6 leaves no room for a prompt"):
+        context_start(3, GenerationConfig(max_new_tokens=6, max_length=6))
 
 
 def test_unstacked_scanned_parameters_decode_the_same(pair):

@@ -7,7 +7,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from vllama_jax.constants import IGNORE_INDEX
 from vllama_jax.data import records
-from vllama_jax.data.pipeline import PipelineConfig, make_dataset, reason_counts
+from vllama_jax.data.pipeline import ExampleBuilder, PipelineConfig, make_dataset, reason_counts
 from vllama_jax.data.records import Sample, probe_media
 from vllama_jax.data.synthetic import write_test_image, write_test_video
 
@@ -130,6 +130,27 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, tokenizer):
     skipped = ~batch["example_mask"]
     assert (batch["labels"][skipped] == IGNORE_INDEX).all() and not batch["frames"][skipped].any()
     assert (batch["input_ids"][:, 1:5] == cfg.image_token_id).all()  # the model's splice still lines up
+
+
+def test_an_image_is_a_one_frame_video_by_its_frame_mask(tmp_path, tokenizer):
+    """Fixed shapes: an image fills all num_frames frames with copies of itself, and frame_mask says only frame 0
+    is real (the model reads that one alone: SPEC §3); a video's frames are all real."""
+    image = write_test_image(tmp_path / "img.jpg", size=(40, 30))
+    clip = write_test_video(tmp_path / "clip.mp4", num_frames=12)
+    path = tmp_path / "mixed.array_record"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    writer.write(records.encode(Sample("img", "test", "image", image.read_bytes(), "img.jpg", caption=b"a green image",
+                                       **probe_media(image.read_bytes(), "image"))))
+    writer.write(records.encode(video_sample(clip, 1)))
+    writer.close()
+    for train in (True, False):
+        (batch,) = list(make_dataset([str(path)], config(tokenizer, num_epochs=1, batch_size=2, train=train), tokenizer))
+        assert batch["example_mask"].all() and batch["frame_mask"].shape == (2, 4) and batch["frame_mask"].dtype == bool
+        is_image = np.array([not (clip_frames != clip_frames[0]).any() for clip_frames in batch["frames"]])
+        assert is_image.sum() == 1  # the image's copies are one frame; the moving square's frames differ
+        np.testing.assert_array_equal(batch["frame_mask"][is_image][0], [True, False, False, False])
+        assert batch["frame_mask"][~is_image].all()
+    assert ExampleBuilder(config(tokenizer), tokenizer).empty()["frame_mask"].all()  # a skipped example: all real
 
 
 def test_broken_audio_becomes_silence_and_is_counted(shards, tokenizer, monkeypatch):

@@ -207,3 +207,15 @@ def test_video_llama_branch_and_caption_loss_parity(tiny_config, scan):
     assert exported.keys() == kept.keys()
     for key, value in kept.items():
         assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
+    # an image: the original's 1-frame video, against ours batched as 3 copies with frame_mask [1, 0, 0]
+    image = frames[:, :1]
+    with torch.no_grad():
+        _, t_image_logits, t_image_soft = torch_model(torch.from_numpy(image).permute(0, 1, 4, 2, 3), torch.from_numpy(ids).long(),
+                                                      torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(labels).long())
+    frame_mask = np.array([[True, False, False]] * 2)
+    image_logits, image_soft = jax.jit(model.apply)({"params": params}, np.repeat(image, 3, axis=1), ids, mask,
+                                                     frame_mask=frame_mask)
+    report(f"image as 3 masked frames vs the original's 1 frame: soft tokens (scan={scan})",
+           ref.max_abs(image_soft["video"], t_image_soft.numpy()))
+    report(f"image as 3 masked frames vs the original's 1 frame: logits (scan={scan})",
+           ref.max_abs(np.asarray(image_logits)[mask], t_image_logits.numpy()[mask]))

@@ -13,7 +13,7 @@ from vllama_jax import sharding
 from vllama_jax.config import model_config
 from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama, causal_lm_loss, count_params
 from vllama_jax.train.optimizer import OptimizerConfig, decay_mask, lavis_warmup_cosine, make_optimizer
-from vllama_jax.train.step import init_state, make_train_step, split_params
+from vllama_jax.train.step import batch_keys, init_state, make_train_step, model_inputs, split_params
 
 OPT = OptimizerConfig(init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=4, iters_per_epoch=6, max_epoch=3, grad_clip=1.0)
 
@@ -151,6 +151,44 @@ def test_gradient_accumulation_averages_micro_batch_losses(setup):
     assert float(metrics["grad_norm"]) == pytest.approx(float(optax.global_norm(grads)), rel=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(state.trainable)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=0)
+
+
+def test_images_batched_as_masked_frames_train_as_one_frame_images(setup):
+    """The step reads the batch's frame_mask: images as 2 copies, frame 0 marked, give the loss and update of
+    the same images as 1-frame clips (a batch without frame_mask has every frame real)."""
+    model, boxed, batch = setup
+    no_dropout = dataclasses.replace(model.config, video_qformer=dataclasses.replace(model.config.video_qformer, hidden_dropout=0.0, attention_dropout=0.0))
+    model = VideoLlama(no_dropout)
+    images = batch["frames"][:, :1]
+    one_frame = dict(batch, frames=images)
+    copies = dict(batch, frames=np.repeat(images, 2, axis=1), frame_mask=np.array([[True, False]] * len(images)))
+    state_one, _, (metrics_one,) = run_steps(model, boxed, one_frame, steps=1)
+    state_copies, _, (metrics_copies,) = run_steps(model, boxed, copies, steps=1)
+    _, _, (metrics_unmasked,) = run_steps(model, boxed, {k: v for k, v in copies.items() if k != "frame_mask"}, steps=1)
+    assert float(metrics_copies["loss"]) == pytest.approx(float(metrics_one["loss"]), abs=1e-6)
+    assert abs(float(metrics_unmasked["loss"]) - float(metrics_one["loss"])) > 1e-5  # the mask is what makes them equal
+    for a, b in zip(jax.tree_util.tree_leaves(state_one.trainable), jax.tree_util.tree_leaves(state_copies.trainable)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=0)
+
+
+def test_model_inputs_send_the_frame_mask_where_the_frames_go():
+    frames, mask, fbank = np.zeros((1, 2, 4, 4, 3)), np.array([[True, False]]), np.zeros((1, 2, 1, 8, 8))
+    features, joint = np.zeros((1, 2, 3, 5)), np.zeros((1, 2, 6))
+    batch = {"frames": frames, "frame_mask": mask, "audio": fbank, "video_features": features, "audio_features": joint}
+    visual = model_inputs(batch, "visual")
+    assert visual["frames"] is frames and visual["frame_mask"] is mask
+    from_frames = model_inputs(batch, "audio", "frames")  # the audio stages: frames through ImageBind's vision tower
+    assert from_frames["audio"] is frames and from_frames["audio_modality"] == "vision" and from_frames["frame_mask"] is mask
+    from_fbank = model_inputs(batch, "audio", "fbank")
+    assert from_fbank["audio"] is fbank and from_fbank["frame_mask"] is None and from_fbank["frames"] is None
+    both = model_inputs(batch, "audio_visual", "fbank")
+    assert both["frames"] is frames and both["audio"] is fbank and both["frame_mask"] is mask and both["audio_modality"] == "audio"
+    cached = model_inputs(batch, "audio", "frames", cached=True)
+    assert cached["audio_features"] is joint and cached["frame_mask"] is mask and cached["audio_modality"] == "vision"
+    assert model_inputs(batch, "visual", cached=True)["video_features"] is features
+    assert model_inputs({"frames": frames}, "visual")["frame_mask"] is None  # missing: every frame real
+    assert "frame_mask" in batch_keys("visual") and "frame_mask" in batch_keys("audio", "frames", cached=True)
+    assert "frame_mask" not in batch_keys("audio", "fbank") + batch_keys("audio", "fbank", cached=True)
 
 
 def test_non_finite_loss_skips_the_update(setup):

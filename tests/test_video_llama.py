@@ -123,6 +123,35 @@ def test_video_qformer_dropout_only_when_training(tiny):
     assert float(jnp.abs(encode(False, 0) - encode(False, 1)).max()) > 1e-4
 
 
+def test_an_image_batched_as_masked_frames_equals_the_image_as_one_frame(tiny):
+    """SPEC §3: an image is a 1-frame video. Batched among videos as T copies with frame_mask [1, 0, …], the video
+    Q-Former reads only frame 0's queries (frame position 0): the soft tokens of the image given as T = 1."""
+    cfg, params, frames, ids, _ = tiny
+    model = VideoLlama(cfg)
+    encode = lambda x, **kw: np.asarray(model.apply({"params": params}, x, method=VideoLlama.encode_video, **kw))  # noqa: E731
+    num_frames = frames.shape[1]
+    image = frames[:, :1]
+    copies = np.repeat(image, num_frames, axis=1)
+    mask = np.zeros((2, num_frames), bool)
+    mask[:, 0] = True
+    one = encode(image)
+    np.testing.assert_allclose(encode(copies, frame_mask=mask), one, atol=1e-6, rtol=0)
+    assert np.abs(encode(copies) - one).max() > 1e-4  # unmasked, the copies and their positions change the tokens
+    # a mixed batch: row 0 an image, row 1 a video (all frames real, the same as without a mask)
+    mixed = np.stack([copies[0], frames[1]])
+    mixed_mask = np.stack([mask[0], np.ones(num_frames, bool)])
+    got = encode(mixed, frame_mask=mixed_mask)
+    np.testing.assert_allclose(got[0], one[0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got[1], encode(frames)[1], atol=1e-6, rtol=0)
+    # the same from the frozen towers' cached outputs, and through the forward pass to the logits
+    features = model.apply({"params": params}, copies, method=VideoLlama.frame_features)
+    np.testing.assert_allclose(encode(None, features=features, frame_mask=mask), one, atol=1e-6, rtol=0)
+    logits, _ = model.apply({"params": params}, copies, ids, frame_mask=mask)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply({"params": params}, image, ids)[0]), atol=1e-5)
+    with pytest.raises(ValueError, match=r"frame_mask has shape \(2, 2\), expected \(batch, frames\) = \(2, 3\)"):
+        encode(copies, frame_mask=mask[:, :2])
+
+
 def test_full_state_dict_round_trip_and_strictness(tiny):
     cfg, params, *_ = tiny
     rules = video_llama_rules(cfg)

@@ -36,7 +36,8 @@ def bench_model_config(config):
 
 
 def make_batch(model_cfg, batch_size: int, num_frames: int, max_txt_len: int, seed: int = 0) -> dict:
-    """A stage-1 batch: random frames, [BOS] + <ImageHere> × 32 + caption tokens, a few rows padded at the end."""
+    """A stage-1 batch: random video frames (all real), [BOS] + <ImageHere> × 32 + caption tokens, a few rows
+    padded at the end."""
     rng = np.random.default_rng(seed)
     size, soft = model_cfg.vision.image_size, model_cfg.num_video_query_tokens
     length = 1 + soft + max_txt_len
@@ -48,7 +49,8 @@ def make_batch(model_cfg, batch_size: int, num_frames: int, max_txt_len: int, se
         mask[row, length - 1 - row:] = False
     labels = np.where((np.arange(length) > soft) & mask, ids, IGNORE_INDEX).astype(np.int32)
     frames = rng.standard_normal((batch_size, num_frames, size, size, 3)).astype(np.float32)
-    return {"frames": frames, "input_ids": ids, "padding_mask": mask, "labels": labels}
+    return {"frames": frames, "frame_mask": np.ones((batch_size, num_frames), bool), "input_ids": ids,
+            "padding_mask": mask, "labels": labels}
 
 
 class TorchTrainer:

@@ -3,9 +3,9 @@
 A feature cache (written by `vllama-cache`, `vllama_jax.train.feature_cache`) holds, per usable example, the
 image Q-Former's per-frame query outputs (`video_features`, (T, 32, 768) at full size) and/or ImageBind's
 joint embeddings (`audio_features`, (S, 1024)), stored in the towers' own output dtype (bfloat16 for the
-full-size configs; the step casts to float32, which is exact), plus the example's `input_ids`, `padding_mask`
-and `labels` exactly as the media pipeline made them. Training from it skips the ViT, the image Q-Former and
-ImageBind. The shards have the same `manifest.json` as `vllama-prepare`'s, so `shard_paths` reads both.
+full-size configs; the step casts to float32, which is exact), plus the example's `frame_mask` (an image's
+copies masked), `input_ids`, `padding_mask`, `labels` and `repairs` exactly as the media pipeline made them.
+Training from it skips the ViT, the image Q-Former and ImageBind. The shards have the same `manifest.json` as `vllama-prepare`'s, so `shard_paths` reads both.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from vllama_jax.data.pipeline import ProcessSlice
 
 FEATURE_KEYS = ("video_features", "audio_features")
-TEXT_KEYS = ("input_ids", "padding_mask", "labels")
+EXAMPLE_KEYS = ("frame_mask", "input_ids", "padding_mask", "labels", "repairs")  # the pipeline's, stored beside them
 
 
 def _dtype(name: str) -> np.dtype:
@@ -112,7 +112,7 @@ class _Decode(grain.transforms.Map):
         missing = [k for k in self.keys if k not in arrays]
         if missing:
             raise KeyError(f"feature record lacks {missing} (it holds {sorted(arrays)}): the cache was written for "
-                           "another branch; rebuild it with vllama-cache for this config")
+                           "another branch or by an older vllama-cache; rebuild it with vllama-cache for this config")
         example = {k: arrays[k].astype(np.float32) if k in FEATURE_KEYS else np.array(arrays[k]) for k in self.keys}
         return {**example, "example_mask": np.bool_(True), "skip_reason": np.int32(0),
                 "repairs": np.int32(arrays["repairs"]) if "repairs" in arrays else np.int32(0)}

@@ -3,11 +3,13 @@
     source (random access over all shards) → repeat → global shuffle by seed → decode + transform (rng seeded by
     the global position; lazy) → this host's rows of each global batch → batch → worker processes
 
-Every example has the same shapes, so XLA compiles once. A sample that cannot be used does not stop training
-and is not dropped silently: it becomes an all-masked example (labels all ignored, `example_mask` False) and
-its reason code is in `skip_reason`; repairs (a short video padded by repeating its last frame, a broken audio
-track replaced by silence, a conversation cut to length) are flagged in `repairs`. `reason_counts(batch)`
-turns both into the counters the training metrics report.
+Every example has the same shapes, so XLA compiles once: an image is `num_frames` copies of itself with
+`frame_mask` [1, 0, …] (the model reads frame 0 only, the original's 1-frame video), a video's mask is all
+True. A sample that cannot be used does not stop training and is not dropped silently: it becomes an
+all-masked example (labels all ignored, `example_mask` False) and its reason code is in `skip_reason`; repairs
+(a short video padded by repeating its last frame, a broken audio track replaced by silence, a conversation cut
+to length) are flagged in `repairs`. `reason_counts(batch)` turns both into the counters the training metrics
+report.
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ class ExampleBuilder(grain.transforms.RandomMap):
             return example
         name = f"{sample.dataset}:{sample.media_name}"
         try:
-            frames, seconds, repaired = self._frames(sample, rng, name)
+            frames, frame_mask, seconds, repaired = self._frames(sample, rng, name)
         except ValueError as err:  # the message names the file and the problem
             logging.warning("skipping %s: %s", name, err)
             example["skip_reason"] = np.int32(1)
@@ -92,7 +94,7 @@ class ExampleBuilder(grain.transforms.RandomMap):
             example["skip_reason"] = np.int32(skip.code)
             return example
         example["repairs"] |= np.int32(4 if tokens.pop("truncated", False) else 0)
-        example.update(tokens, frames=frames, example_mask=np.bool_(True))
+        example.update(tokens, frames=frames, frame_mask=frame_mask, example_mask=np.bool_(True))
         if cfg.with_audio:
             try:
                 clips, has_audio = audio.load_audio_clips(sample.media, cfg.clips_per_video, name=name) if sample.has_audio else (example["audio"], False)
@@ -109,6 +111,7 @@ class ExampleBuilder(grain.transforms.RandomMap):
         size = cfg.image_size
         out = {
             "frames": np.zeros((cfg.num_frames, size, size, 3), np.float32),
+            "frame_mask": np.ones(cfg.num_frames, bool),
             "input_ids": np.full(cfg.text_length, self.tokenizer.pad_token_id, np.int32),
             "padding_mask": np.zeros(cfg.text_length, bool),
             "labels": np.full(cfg.text_length, IGNORE_INDEX, np.int32),
@@ -135,9 +138,12 @@ class ExampleBuilder(grain.transforms.RandomMap):
         else:
             raw, _ = video.read_frames_seeking(sample.media, indices, cfg.image_size, name=name)
         frames = video.train_transform(raw, rng, cfg.image_size) if cfg.train else video.eval_transform(raw, cfg.image_size)
+        frame_mask = np.ones(cfg.num_frames, bool)
+        if sample.kind == "image":  # the copies only keep the shapes fixed; the model reads frame 0 alone
+            frame_mask[1:] = False
         fps = sample.fps or 1.0
         repaired = sample.kind == "video" and real < cfg.num_frames
-        return frames.astype(np.float32), [float(i) / fps for i in indices[:real]], repaired
+        return frames.astype(np.float32), frame_mask, [float(i) / fps for i in indices[:real]], repaired
 
     def _text(self, sample: records.Sample, seconds: list[float], rng) -> dict[str, np.ndarray]:
         cfg = self.config

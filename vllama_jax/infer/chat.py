@@ -9,6 +9,8 @@ JSON object: the answers, token counts and timings. The conversation follows the
 (`data.template`: the original Vicuna `###` or LLaMA-2 `[INST]` format) or `--template caption` for a
 stage-1 model (its prompt is [BOS] + soft tokens, as in caption pretraining). Generation defaults are the
 original demo's (sampling, top-p 0.9, temperature 1, 300 new tokens); `--greedy` and `--num_beams` change it.
+As in the demo, a conversation longer than --max_length − --max_new_tokens tokens (2000 − 300) is cut to its
+last that many positions, with a warning: the model no longer sees its beginning (the media included).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vllama_jax.infer import chat_prompt
-from vllama_jax.infer.generate import DEMO
+from vllama_jax.infer.generate import DEMO, context_start
 from vllama_jax.infer.session import Session, audio_clips, decode_tokens, image_frames, load_session, video_frames
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/video_llama.py:tiny", "model / data / mesh config")
@@ -40,6 +42,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", DEMO.temperature, "sampling tem
 _TOP_P = flags.DEFINE_float("top_p", DEMO.top_p, "nucleus sampling mass")
 _TOP_K = flags.DEFINE_integer("top_k", DEMO.top_k, "sample among the k likeliest tokens (0 = all)")
 _REPETITION = flags.DEFINE_float("repetition_penalty", DEMO.repetition_penalty, "transformers' repetition penalty")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", DEMO.max_length,
+                                   "prompt + answer tokens at most; a longer conversation loses its beginning")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
@@ -60,6 +64,10 @@ class Chat:
     def _prompt(self, question: str):
         ids = chat_prompt.answer_prompt_ids(self.session, self.conversation, question)
         ids = np.asarray(ids, np.int32)[None]
+        if context_start(ids.shape[1], self.cfg):  # the demo's warning; generation drops those positions
+            logging.warning("The number of tokens in the current conversation (%d) exceeds max_length %d minus "
+                            "max_new_tokens %d: the model will not see the context outside the range.",
+                            ids.shape[1], self.cfg.max_length, self.cfg.max_new_tokens)
         return ids, np.ones_like(ids, bool)
 
     def _cfg(self):
@@ -79,7 +87,8 @@ class Chat:
         length = int(out.lengths[0])
         answer = chat_prompt.answer_text(self.template, decode_tokens(self.session.tokenizer, out.tokens[0], length), end)
         chat_prompt.record_answer(self.conversation, answer)
-        return {"question": question, "answer": answer, "prompt_tokens": int(ids.shape[1]), "new_tokens": length,
+        return {"question": question, "answer": answer, "prompt_tokens": int(ids.shape[1]),
+                "dropped_prompt_tokens": context_start(ids.shape[1], cfg), "new_tokens": length,
                 "seconds": round(seconds, 3)}
 
     def ask_streaming(self, question: str, write=sys.stdout.write) -> str:
@@ -137,7 +146,8 @@ def main(argv):
     overrides = dict(max_new_tokens=_MAX_NEW.value, do_sample=not _GREEDY.value, num_beams=_BEAMS.value,
                      temperature=_TEMPERATURE.value,
                      top_p=_TOP_P.value, top_k=_TOP_K.value, repetition_penalty=_REPETITION.value,
-                     min_new_tokens=DEMO.min_new_tokens, length_penalty=DEMO.length_penalty)
+                     min_new_tokens=DEMO.min_new_tokens, length_penalty=DEMO.length_penalty,
+                     max_length=_MAX_LENGTH.value)
     chat = Chat(session, template, "image" if _IMAGE.value else "video", frames, seconds, clips, overrides, _SEED.value)
     if _QUESTION.value:
         turns = [chat.ask(q) for q in _QUESTION.value]

@@ -12,7 +12,9 @@ The media message is the demo's: "<Video><ImageHere></Video> " + the frame-time 
 or the audio-video message (data.text.AUDIO_VIDEO_MESSAGE); a question asked right after it joins it with a space.
 The demo tokenises the prompt in segments split at each placeholder (BOS on the first segment only) and puts each
 block of soft tokens between them; here the placeholder ids stand in the sequence, `n` of them per block, which
-the model replaces one for one (Video-LLaMA.splice).
+the model replaces one for one (Video-LLaMA.splice). The demo then cuts the prompt's embeddings to their last
+max_length − max_new_tokens positions: `GenerationConfig.max_length` (generate.truncate_prompt) does that after
+the splice, so a cut through a soft-token block keeps that block's last tokens, as the demo's does.
 """
 from __future__ import annotations
 

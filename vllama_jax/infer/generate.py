@@ -10,7 +10,9 @@ demo, which calls it): the repetition penalty, then for sampling temperature →
 otherwise; beam search is transformers' vectorised beam search (2 × beams candidates per step, a pool of
 finished hypotheses scored by log-probability / length ** length_penalty, its early-stop heuristic).
 A row stops at EOS, at any of `stop_sequences` (token-id sequences, e.g. LLaMA's two encodings of "###"), or
-after `max_new_tokens`; the tokens after it are `pad_token_id`.
+after `max_new_tokens`; the tokens after it are `pad_token_id`. With `max_length` set (the demo's 2000), a prompt
+longer than max_length − max_new_tokens keeps only its last that many positions, as the demo cuts its prompt
+embeddings (`Chat.answer`): a long conversation loses its beginning, soft tokens included.
 """
 from __future__ import annotations
 
@@ -42,11 +44,32 @@ class GenerationConfig:
     eos_token_id: int = 2
     pad_token_id: int = 0
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    max_length: int | None = None  # prompt + new tokens at most: the prompt keeps its END (None = off)
 
 
-# The original demo (conversation_video.py `Chat.answer`): sampling with top-p 0.9 at temperature 1, 300 tokens.
+# The original demo (conversation_video.py `Chat.answer`): sampling with top-p 0.9 at temperature 1, 300 tokens,
+# the prompt cut to its last max_length − max_new_tokens positions.
 DEMO = GenerationConfig(max_new_tokens=300, do_sample=True, temperature=1.0, top_p=0.9, repetition_penalty=1.0,
-                        num_beams=1, length_penalty=1.0, min_new_tokens=1)
+                        num_beams=1, length_penalty=1.0, min_new_tokens=1, max_length=2000)
+
+
+def context_start(prompt_length: int, cfg: GenerationConfig) -> int:
+    """The demo's `begin_idx`: how many leading prompt positions `max_length` drops (0 when it all fits)."""
+    if cfg.max_length is None:
+        return 0
+    if cfg.max_length <= cfg.max_new_tokens:
+        raise ValueError(f"max_length {cfg.max_length} leaves no room for a prompt before "
+                         f"max_new_tokens {cfg.max_new_tokens} new tokens: raise max_length or lower max_new_tokens")
+    return max(0, prompt_length + cfg.max_new_tokens - cfg.max_length)
+
+
+def truncate_prompt(prompt_embeds, prompt_mask, cfg: GenerationConfig, prompt_ids=None):
+    """(embeds, mask, ids) without the positions `context_start` drops. Static: it depends on shapes only. A
+    left-padded batch keeps each row's last positions, as each row alone would."""
+    begin = context_start(prompt_mask.shape[1], cfg)
+    if not begin:
+        return prompt_embeds, prompt_mask, prompt_ids
+    return prompt_embeds[:, begin:], prompt_mask[:, begin:], None if prompt_ids is None else prompt_ids[:, begin:]
 
 
 class Generated(NamedTuple):
@@ -182,6 +205,7 @@ def generate(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: Gen
     `params` are the LLM's (Video-LLaMA's `params["llama_model"]`). `rng` is needed only when sampling.
     `prompt_ids` (B, P), when given, count as seen for the repetition penalty (placeholders included).
     """
+    prompt_embeds, prompt_mask, prompt_ids = truncate_prompt(prompt_embeds, prompt_mask, cfg, prompt_ids)
     if cfg.num_beams > 1:
         return beam_search(llm, params, prompt_embeds, prompt_mask, cfg, rng, prompt_ids=prompt_ids)
     state = start(llm, params, prompt_embeds, prompt_mask, cfg, rng, prompt_ids=prompt_ids, return_logits=return_logits)
@@ -196,6 +220,7 @@ def stream(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: Gener
     except that beam search does not stream (its best hypothesis is known only at the end)."""
     if cfg.num_beams > 1:
         raise ValueError("beam search cannot stream: use generate()")
+    prompt_embeds, prompt_mask, _ = truncate_prompt(prompt_embeds, prompt_mask, cfg)
     state = _jitted_start(llm, cfg)(params, prompt_embeds, prompt_mask, rng)
     step = _jitted_advance(llm, cfg)
     while bool(unfinished(state, cfg)):

@@ -3,6 +3,8 @@
 visual: frames (B, T, H, W, 3) → EVA ViT → ln_vision → BLIP-2 Q-Former (32 queries per frame) → + frame position
 embedding (row t added to all queries of frame t) → (B, T·32, 768) → video Q-Former (32 queries) → llama_proj
 → (B, 32, LLM hidden) soft tokens, spliced into the LLM input where the prompt holds `<ImageHere>` tokens.
+An image is a 1-frame video; batched among videos it is T copies of itself with `frame_mask` [1, 0, …], and the
+video (or audio) Q-Former's cross-attention reads frame 0 only, as the original's T = 1.
 
 audio (when `equip_audio_branch`): S clips' fbank (B, S, 128, 204) → ImageBind audio tower → 1024-d embeddings
 (B, S, 1024) → + audio position embedding → audio Q-Former (8 queries) → audio_llama_proj → (B, 8, LLM hidden)
@@ -153,9 +155,14 @@ class VideoLlama(nn.Module):
         frame_queries = self.Qformer(query, image_embeds, deterministic=True)
         return frame_queries.reshape(batch, num_frames, cfg.num_query_tokens, -1)
 
-    def encode_video(self, frames=None, deterministic: bool = True, *, features=None):
+    def encode_video(self, frames=None, deterministic: bool = True, *, features=None, frame_mask=None):
         """frames (B, T, H, W, 3), CLIP-normalised, or their `frame_features` -> soft tokens
-        (B, num_video_query_tokens, LLM hidden)."""
+        (B, num_video_query_tokens, LLM hidden).
+
+        frame_mask (B, T) bool, None = every frame: the video Q-Former cross-attends only to the queries of the
+        frames it marks. An image given as T frames with mask [1, 0, …] gives the soft tokens of the same image
+        as one frame (the original's T = 1: frame position 0, num_query_tokens encoder tokens).
+        """
         cfg = self.config
         frame_queries = self.frame_features(frames) if features is None else features
         batch, num_frames = frame_queries.shape[:2]
@@ -164,7 +171,8 @@ class VideoLlama(nn.Module):
         frame_queries = frame_queries + self.video_frame_position_embedding(jnp.arange(num_frames))[None, :, None, :]
         frame_queries = frame_queries.reshape(batch, num_frames * cfg.num_query_tokens, -1)
         video_query = jnp.broadcast_to(self.video_query_tokens, (batch, *self.video_query_tokens.shape[1:]))
-        video_hidden = self.video_Qformer(video_query, frame_queries, deterministic=deterministic)
+        encoder_mask = _encoder_mask(frame_mask, batch, num_frames, cfg.num_query_tokens)
+        video_hidden = self.video_Qformer(video_query, frame_queries, encoder_mask, deterministic=deterministic)
         return self.llama_proj(video_hidden)
 
     def audio_features(self, inputs, modality: str = "audio", deterministic: bool = True):
@@ -182,9 +190,11 @@ class VideoLlama(nn.Module):
         _, embeddings = self.audio_encoder(inputs, modality, deterministic=deterministic)
         return embeddings
 
-    def encode_audio(self, inputs=None, modality: str = "audio", deterministic: bool = True, *, features=None):
+    def encode_audio(self, inputs=None, modality: str = "audio", deterministic: bool = True, *, features=None,
+                     frame_mask=None):
         """fbank clips or frames (see `audio_features`), or their `audio_features` -> audio soft tokens
-        (B, num_audio_query_tokens, LLM hidden)."""
+        (B, num_audio_query_tokens, LLM hidden). frame_mask (B, S) bool, None = all: the clips or frames the audio
+        Q-Former reads (the audio stages' image: frame 0 of its copies, as `encode_video`)."""
         cfg = self.config
         if not cfg.equip_audio_branch:
             raise ValueError("this model has no audio branch: set model.equip_audio_branch=True")
@@ -194,18 +204,22 @@ class VideoLlama(nn.Module):
             raise ValueError(f"{count} audio clips/frames exceed max_audio_pos={cfg.max_audio_pos}")
         embeddings = embeddings + self.audio_position_embedding(jnp.arange(count))[None]
         query = jnp.broadcast_to(self.audio_query_tokens, (batch, *self.audio_query_tokens.shape[1:]))
-        audio_hidden = self.audio_Qformer(query, embeddings, deterministic=deterministic)
+        encoder_mask = _encoder_mask(frame_mask, batch, count, 1)
+        audio_hidden = self.audio_Qformer(query, embeddings, encoder_mask, deterministic=deterministic)
         return self.audio_llama_proj(audio_hidden)
 
     def encode(self, frames=None, audio=None, audio_modality: str = "audio", deterministic: bool = True, *,
-               video_features=None, audio_features=None) -> dict:
+               video_features=None, audio_features=None, frame_mask=None) -> dict:
         """{"video": soft tokens, "audio": soft tokens} for whichever inputs are given (media, or the frozen
-        towers' outputs from the feature cache)."""
+        towers' outputs from the feature cache). `frame_mask` (B, T) marks the real frames wherever frames go:
+        to the visual branch, and to the audio branch when it reads them (`audio_modality="vision"`)."""
         soft = {}
         if frames is not None or video_features is not None:
-            soft["video"] = self.encode_video(frames, deterministic=deterministic, features=video_features)
+            soft["video"] = self.encode_video(frames, deterministic=deterministic, features=video_features,
+                                              frame_mask=frame_mask)
         if audio is not None or audio_features is not None:
-            soft["audio"] = self.encode_audio(audio, audio_modality, deterministic=deterministic, features=audio_features)
+            soft["audio"] = self.encode_audio(audio, audio_modality, deterministic=deterministic, features=audio_features,
+                                              frame_mask=frame_mask if audio_modality == "vision" else None)
         return soft
 
     def splice(self, input_ids, soft_tokens=None, audio_soft_tokens=None):
@@ -227,14 +241,15 @@ class VideoLlama(nn.Module):
         return text_embeds
 
     def __call__(self, frames, input_ids, padding_mask=None, deterministic: bool = True, *, audio=None,
-                 audio_modality: str = "audio", video_features=None, audio_features=None):
+                 audio_modality: str = "audio", video_features=None, audio_features=None, frame_mask=None):
         """-> (logits (B, S, vocab) float32, {"video": soft tokens, "audio": soft tokens} for the branches run).
 
         frames (or None) feed the visual branch; audio (or None) the audio branch, read as `audio_modality`;
-        video_features / audio_features replace them with the frozen towers' cached outputs.
+        video_features / audio_features replace them with the frozen towers' cached outputs; frame_mask (B, T)
+        marks the real frames (`encode`; None = all).
         """
         soft = self.encode(frames, audio, audio_modality, deterministic=deterministic,
-                           video_features=video_features, audio_features=audio_features)
+                           video_features=video_features, audio_features=audio_features, frame_mask=frame_mask)
         inputs_embeds = self.splice(input_ids, soft.get("video"), soft.get("audio"))
         logits = self.llama_model(inputs_embeds=inputs_embeds, padding_mask=padding_mask)
         return logits, soft
@@ -246,6 +261,15 @@ class VideoLlama(nn.Module):
         if audio_frames is not None:
             self.audio_encoder(audio_frames, "vision")
         return out
+
+
+def _encoder_mask(frame_mask, batch: int, num_frames: int, tokens_per_frame: int):
+    """A Q-Former encoder mask (B, T · tokens_per_frame) from a per-frame mask (B, T); None stays None (all)."""
+    if frame_mask is None:
+        return None
+    if tuple(frame_mask.shape) != (batch, num_frames):
+        raise ValueError(f"frame_mask has shape {tuple(frame_mask.shape)}, expected (batch, frames) = {(batch, num_frames)}")
+    return jnp.repeat(jnp.asarray(frame_mask, bool), tokens_per_frame, axis=1)
 
 
 def _position_embedding(count: int, width: int, dtype, param_dtype) -> nn.Embed:

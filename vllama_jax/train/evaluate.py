@@ -20,7 +20,8 @@ def make_greedy_generate(model: VideoLlama, prompt_length: int, max_new_tokens: 
                          audio_source: str = "frames"):
     """generate(params, media, input_ids) -> (B, max_new_tokens) greedy token ids, for prompts that fill the
     first `prompt_length` positions of `input_ids` (placeholders included); the rest is overwritten. `media` is
-    the batch's media arrays ({"frames"}, {"audio"} or both), read by `branch` as in training."""
+    the batch's media arrays ({"frames", "frame_mask"}, {"audio"} or both; `step.media_keys`), read by `branch`
+    as in training."""
 
     def generate(params, media, input_ids):
         soft = model.apply({"params": params}, **model_inputs(media, branch, audio_source), method=VideoLlama.encode)

@@ -9,7 +9,8 @@
 The glue a stage trains sits after frozen towers that dominate the step's FLOPs (EVA ViT-g on 8 × 257 tokens
 per clip; ImageBind). Their outputs for a clip never change, so they can be computed once: per usable example
 the cache stores `VideoLlama.frame_features` (ViT → ln_vision → image Q-Former) and/or `audio_features`
-(ImageBind), in the towers' output dtype, with the example's tokens exactly as the media pipeline made them.
+(ImageBind), in the towers' output dtype, with the example's tokens and frame mask exactly as the media
+pipeline made them.
 A step from the cache computes the same loss as the end-to-end step on the same media
 (tests/test_feature_cache.py) and reads no tower weights.
 
@@ -30,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vllama_jax import sharding
-from vllama_jax.data.features import FeatureShardWriter, encode, read_manifest
+from vllama_jax.data.features import EXAMPLE_KEYS, FeatureShardWriter, encode, read_manifest
 from vllama_jax.data.pipeline import make_single_pass, reason_counts
 from vllama_jax.data.prepare import shard_paths
 from vllama_jax.data.tokenizer import load_tokenizer
@@ -117,7 +118,7 @@ def write_feature_cache(config, out: str | Path, *, augment: bool = False, recor
                     skipped[key] = skipped.get(key, 0) + value
             for row in np.flatnonzero(batch["example_mask"]):
                 example = {k: local[k][row] for k in local}
-                example.update({k: batch[k][row] for k in ("input_ids", "padding_mask", "labels", "repairs")})
+                example.update({k: batch[k][row] for k in EXAMPLE_KEYS})
                 writer.write(encode(f"{index}:{n}:{row}", example))
                 written += 1
             if (n + 1) % 10 == 0:

@@ -36,6 +36,7 @@ def batch_shapes(model_cfg: VideoLlamaConfig, batch_size: int, num_frames: int, 
     size = model_cfg.vision.image_size
     return {
         "frames": jax.ShapeDtypeStruct((batch_size, num_frames, size, size, 3), jnp.float32),
+        "frame_mask": jax.ShapeDtypeStruct((batch_size, num_frames), jnp.bool_),  # an image: frame 0 only
         "audio": jax.ShapeDtypeStruct((batch_size, clips_per_video, 1, *model_cfg.imagebind_audio.input_size), jnp.float32),
         # the frozen towers' outputs, float32 as the towers hand them over (VideoLlama.frame_features, audio_features)
         "video_features": jax.ShapeDtypeStruct((batch_size, num_frames, model_cfg.num_query_tokens, model_cfg.qformer.hidden_size), jnp.float32),

@@ -47,34 +47,36 @@ AUDIO_SOURCES = ("frames", "fbank")
 
 def model_inputs(batch: dict, branch: str, audio_source: str = "frames", cached: bool = False) -> dict:
     """Keyword arguments of `VideoLlama.encode` / `__call__` for `branch`, taken from a batch (of media, or of
-    the frozen towers' cached outputs when `cached`)."""
-    media_keys(branch, audio_source, cached)  # validates the pair
+    the frozen towers' cached outputs when `cached`). A batch without `frame_mask` has every frame real."""
+    keys = media_keys(branch, audio_source, cached)  # validates the pair
+    frames_to_audio = branch == "audio" and audio_source == "frames"
+    inputs = {"frames": None, "audio_modality": "vision" if frames_to_audio else "audio",
+              "frame_mask": batch.get("frame_mask") if "frame_mask" in keys else None}
     if cached:
-        return {"frames": None, **{k: batch[k] for k in media_keys(branch, audio_source, cached)}}
-    if branch == "visual":
-        return {"frames": batch["frames"]}
-    if branch == "audio_visual":
-        return {"frames": batch["frames"], "audio": batch["audio"], "audio_modality": "audio"}
-    if audio_source == "frames":
-        return {"frames": None, "audio": batch["frames"], "audio_modality": "vision"}
-    return {"frames": None, "audio": batch["audio"], "audio_modality": "audio"}
+        return {**inputs, **{k: batch[k] for k in keys if k != "frame_mask"}}
+    if branch in ("visual", "audio_visual"):
+        inputs["frames"] = batch["frames"]
+    if branch in ("audio", "audio_visual"):
+        inputs["audio"] = batch["frames"] if frames_to_audio else batch["audio"]
+    return inputs
 
 
 def media_keys(branch: str, audio_source: str = "frames", cached: bool = False) -> tuple[str, ...]:
     """The batch's media arrays (or, when `cached`, the frozen towers' outputs, named as `VideoLlama`'s
-    arguments) a branch reads."""
+    arguments) a branch reads, with `frame_mask` wherever frames feed a branch (an image's copies masked)."""
     if branch not in BRANCHES or audio_source not in AUDIO_SOURCES:
         raise ValueError(f"branch {branch!r} / audio_source {audio_source!r}: expected {BRANCHES} / {AUDIO_SOURCES}")
     if branch == "audio_visual" and audio_source != "fbank":
         raise ValueError("branch 'audio_visual' reads the frames and the audio track: set data.audio_source='fbank'")
     if cached:
-        return {"visual": ("video_features",), "audio": ("audio_features",),
-                "audio_visual": ("video_features", "audio_features")}[branch]
+        return {"visual": ("video_features", "frame_mask"),
+                "audio": ("audio_features", "frame_mask") if audio_source == "frames" else ("audio_features",),
+                "audio_visual": ("video_features", "frame_mask", "audio_features")}[branch]
     if branch == "visual":
-        return ("frames",)
+        return ("frames", "frame_mask")
     if branch == "audio":
-        return ("audio",) if audio_source == "fbank" else ("frames",)
-    return ("frames", "audio")
+        return ("audio",) if audio_source == "fbank" else ("frames", "frame_mask")
+    return ("frames", "frame_mask", "audio")
 
 
 def batch_keys(branch: str, audio_source: str = "frames", cached: bool = False) -> tuple[str, ...]:

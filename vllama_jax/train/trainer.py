@@ -37,7 +37,7 @@ from vllama_jax.train.evaluate import caption_dataset, make_greedy_generate
 from vllama_jax.train.feature_cache import check_feature_cache
 from vllama_jax.train.flops import compiled_flops, scan_aware_flops
 from vllama_jax.train.inputs import model_and_pipeline
-from vllama_jax.train.sharded import ShardedStep, build_sharded_step, unboxed
+from vllama_jax.train.sharded import ShardedStep, batch_shapes, build_sharded_step, unboxed
 from vllama_jax.train.step import batch_keys, init_state, media_keys, split_params
 
 
@@ -246,8 +246,9 @@ def evaluate(config, model, params, tokenizer, pipeline_cfg, mesh, rules, workdi
                                    prompts=(longest,) if longest else ())
     batches = make_single_pass(shard_paths(config.data.eval_shards), eval_cfg, tokenizer)
     media = media_keys(config.train.branch, config.data.audio_source)
-    shapes = (*((k, 5) for k in media), ("input_ids", 2), ("labels", 2), ("example_mask", 1))
-    shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in shapes}
+    shapes = batch_shapes(model.config, batch_size, eval_cfg.num_frames, eval_cfg.text_length, eval_cfg.clips_per_video)
+    ndims = {**{k: len(shapes[k].shape) for k in (*media, "input_ids", "labels")}, "example_mask": 1}
+    shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in ndims.items()}
     prompt_length = pipeline_cfg.text_length - pipeline_cfg.max_txt_len  # stage 1's layout: [BOS] + placeholders
     generate = jax.jit(make_greedy_generate(model, prompt_length, config.eval.max_new_tokens, config.train.branch,
                                             config.data.audio_source))
