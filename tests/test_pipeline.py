@@ -127,6 +127,8 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, tokenizer):
     assert counts["skipped/caption_empty"] == 1 and counts["skipped/caption_not_utf8"] == 1
     assert counts["skipped/record_corrupt"] == 1
     assert counts["repaired/few_frames_repeated"] == 1
+    (short_mask,) = batch["frame_mask"][(batch["repairs"] & 1) != 0]  # its repeated last frame is not read
+    assert short_mask[0] and not short_mask[-1] and list(short_mask) == sorted(short_mask, reverse=True)
     skipped = ~batch["example_mask"]
     assert (batch["labels"][skipped] == IGNORE_INDEX).all() and not batch["frames"][skipped].any()
     assert (batch["input_ids"][:, 1:5] == cfg.image_token_id).all()  # the model's splice still lines up

@@ -5,7 +5,8 @@
 
 Every example has the same shapes, so XLA compiles once: an image is `num_frames` copies of itself with
 `frame_mask` [1, 0, …] (the model reads frame 0 only, the original's 1-frame video), a video's mask is all
-True. A sample that cannot be used does not stop training and is not dropped silently: it becomes an
+True but for the repeated last frame that pads a video shorter than `num_frames` (the original reads only its
+own frames). A sample that cannot be used does not stop training and is not dropped silently: it becomes an
 all-masked example (labels all ignored, `example_mask` False) and its reason code is in `skip_reason`; repairs
 (a short video padded by repeating its last frame, a broken audio track replaced by silence, a conversation cut
 to length) are flagged in `repairs`. `reason_counts(batch)` turns both into the counters the training metrics
@@ -138,9 +139,9 @@ class ExampleBuilder(grain.transforms.RandomMap):
         else:
             raw, _ = video.read_frames_seeking(sample.media, indices, cfg.image_size, name=name)
         frames = video.train_transform(raw, rng, cfg.image_size) if cfg.train else video.eval_transform(raw, cfg.image_size)
-        frame_mask = np.ones(cfg.num_frames, bool)
-        if sample.kind == "image":  # the copies only keep the shapes fixed; the model reads frame 0 alone
-            frame_mask[1:] = False
+        # an image's copies and a short video's repeated last frame only keep the shapes fixed: the model reads the
+        # real frames alone (the original's 1-frame video, and its min(n_frms, vlen) frames of a short video)
+        frame_mask = np.arange(cfg.num_frames) < real
         fps = sample.fps or 1.0
         repaired = sample.kind == "video" and real < cfg.num_frames
         return frames.astype(np.float32), frame_mask, [float(i) / fps for i in indices[:real]], repaired
