@@ -55,6 +55,7 @@ def main_job(repo_root, tmp_path_factory):
 def test_it_learns_to_caption_held_out_clips(main_job):
     workdir, stdout, seconds = main_job
     print(f"\nmain job: {seconds:.0f} s; " + next(line for line in stdout.splitlines() if "held-out" in line))
+    assert "random from the seed" not in stdout, "the tiny default must read its own frozen checkpoint (frozen/)"
     report = json.loads((workdir / "eval.json").read_text())
     assert report["clips"] == 48
     accuracy = report["attribute_accuracy"]

@@ -113,11 +113,11 @@ def train(config, workdir: str | Path, log=print) -> dict:
 def _train(config, workdir: Path, preemption: _Preemption, log) -> dict:
     log(f"training {config.name} in {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
-    train_cfg = config.train
 
     # data: media shards through the decoding pipeline, or the frozen towers' outputs from a feature cache
     if not config.data.shards and not config.data.feature_cache:  # the tiny default: its own clips, tokenizer, frozen LLM
-        config = tiny_default.prepare(config, workdir, log)
+        config = tiny_default.prepare(config, workdir, log)  # a copy, pointing at what it made (frozen/ among them)
+    train_cfg = config.train
     tokenizer = load_tokenizer(config.data.tokenizer)
     branch, audio_source = train_cfg.branch, config.data.audio_source
     model_cfg, pipeline_cfg = model_and_pipeline(config, tokenizer)
