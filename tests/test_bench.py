@@ -48,6 +48,7 @@ def test_quick_report(repo_root, tmp_path):
     ts = report["train_step"]
     assert ts["max_loss_diff"] <= 1e-4 and ts["ours_seconds"] > 0 and ts["pytorch_seconds"] > 0
     assert {"torch", "jax", "transformers"} <= set(report["machine"]["versions"])
+    assert 0 < report["train_step_tiny"]["ours_seconds"] < ts["ours_seconds"]  # the dispatch-bound comparison
     parts = [p["part"] for p in report["roofline"]["parts"]]
     assert any("ViT" in p for p in parts) and any("LLM backward" in p for p in parts)
     assert 0 < report["roofline"]["fraction_of_peak"]

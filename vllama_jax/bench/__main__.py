@@ -60,6 +60,12 @@ def run(quick: bool, config_path: str, log=print) -> dict:
         double = train_step.compare_train_steps(config, 2 * batch, 1, max(3, timed // 2), log=log)
         report["train_step_double_batch"] = {k: double[k] for k in ("batch_size", "ours_seconds", "pytorch_seconds", "speedup")}
 
+    # the same comparison where the step is too small to be compute-bound: what dispatch and fusion are worth
+    tiny = load_config(f"{config_path}:tiny")
+    tiny.model.video_qformer.update(hidden_dropout=0.0, attention_dropout=0.0)  # for the loss cross-check
+    small = train_step.compare_train_steps(tiny, 8, 1, 3 * timed, log=log)
+    report["train_step_tiny"] = {k: small[k] for k in ("batch_size", "ours_seconds", "pytorch_seconds", "speedup", "step_flops")}
+
     log("[2/5] roofline: measured matmul peak, step FLOP/s, parts")
     peak = train_step.measured_peak(2048)
     ts = report["train_step"]
@@ -112,6 +118,9 @@ def markdown(r: dict) -> str:
         d = r["train_step_double_batch"]
         lines.append(f"| seconds per step at batch {d['batch_size']} | {d['ours_seconds']:.3f} | {d['pytorch_seconds']:.3f} "
                      f"| {d['speedup']:.2f}× (ours: {d['ours_seconds'] / ts['ours_seconds']:.2f}× the time for 2× the batch) |")
+    t = r["train_step_tiny"]
+    lines.append(f"| the `tiny` config (batch {t['batch_size']}, {t['step_flops'] / 1e6:.0f} MFLOP a step: dispatch-bound, "
+                 f"not compute-bound) | {t['ours_seconds'] * 1e3:.1f} ms | {t['pytorch_seconds'] * 1e3:.1f} ms | {t['speedup']:.2f}× |")
     lines += [
         f"\nParameters: {ts['parameters']['trainable']:,} trainable, {ts['parameters']['frozen']:,} frozen; our step "
         f"{ts['step_flops'] / 1e9:.1f} GFLOP (XLA cost analysis), compiled in {ts['compile_seconds']} s.", "",
