@@ -26,6 +26,7 @@ setup(
         "numpy>=1.26,<3",
         "absl-py>=2.0",
         "msgpack>=1.0",
+        "ml-dtypes>=0.5",  # bfloat16 arrays in numpy (frozen-feature shards)
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",

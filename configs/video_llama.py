@@ -51,8 +51,8 @@ TINY = dict(
 
 # The benchmark's model (`python -m vllama_jax.bench`): the visual branch at a size where 2 CPU cores are
 # compute-bound. Every matmul has inner and outer dimensions of 384 or more (a batch of 4 clips is 2,080 ViT
-# tokens and 260 LLM tokens), so one step is ~135 GFLOP of large dots, not dispatch or memory traffic: one step
-# takes seconds, and doubling the batch doubles its time (the report shows it). Dropout is off in the trainable
+# tokens and 260 LLM tokens), so one step is 146 GFLOP of large dots, not dispatch or memory traffic: one step
+# takes about a second, and doubling the batch about doubles its time (the report shows it). Dropout is off in the trainable
 # Q-Former so that its loss can be cross-checked against PyTorch's, step by step.
 BENCH = dict(
     vision=dict(image_size=112, width=512, num_layers=4, num_heads=8, mlp_dim=2048),

@@ -151,8 +151,10 @@ class TorchVideoLlama(torch.nn.Module):
         gen = torch.Generator().manual_seed(5)
         self.query_tokens = torch.nn.Parameter(torch.randn(1, cfg.num_query_tokens, q.hidden_size, generator=gen))
         self.video_query_tokens = torch.nn.Parameter(torch.randn(1, cfg.num_video_query_tokens, vq.hidden_size, generator=gen))
-        self.video_frame_position_embedding = torch.nn.Embedding(cfg.max_frame_pos, q.hidden_size)
-        self.llama_proj = torch.nn.Linear(vq.hidden_size, llm.hidden_size)
+        with torch.random.fork_rng():  # their default inits draw from the global generator: seed it, then restore it
+            torch.manual_seed(6)
+            self.video_frame_position_embedding = torch.nn.Embedding(cfg.max_frame_pos, q.hidden_size)
+            self.llama_proj = torch.nn.Linear(vq.hidden_size, llm.hidden_size)
         self.eval()
 
     def forward(self, frames, input_ids, attention_mask, labels):
