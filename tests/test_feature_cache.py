@@ -124,3 +124,30 @@ def test_feature_batches_resume_where_they_stopped(cache):
     for key in keys:
         assert np.array_equal(got[key], expected[key])
     assert got["video_features"].dtype == np.float32 and got["example_mask"].all()
+
+
+def test_vllama_cache_command_writes_a_cache(world, repo_root, tmp_path):
+    """The console script, as a user runs it: one CPU device, overrides on the command line, a JSON summary."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config, _ = world
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    out = tmp_path / "cache"
+    result = subprocess.run(
+        ["vllama-cache", "--config=configs/video_llama.py:tiny", f"--out={out}", "--config.batch_size=4",
+         f"--config.data.shards={config.data.shards}", f"--config.data.tokenizer={config.data.tokenizer}",
+         f"--config.train.frozen_checkpoint={config.train.frozen_checkpoint}", "--records_per_shard=100"],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == {"records": 12, "shards": 1, "skipped": {}}
+    assert read_manifest(out)["records"] == 12
+    again = subprocess.run(["vllama-cache", "--config=configs/video_llama.py:tiny", f"--out={out}",
+                            f"--config.data.shards={config.data.shards}", f"--config.data.tokenizer={config.data.tokenizer}"],
+                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr

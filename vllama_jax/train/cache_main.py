@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from vllama_jax.train import distributed
@@ -20,9 +20,7 @@ distributed.define_flags()
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    distributed.initialize_from_flags()
+    distributed.start_process()
     manifest = write_feature_cache(_CONFIG.value, _OUT.value, augment=_AUGMENT.value, records_per_shard=_RECORDS.value)
     print(json.dumps({"records": manifest["records"], "shards": len(manifest["shards"]), "skipped": manifest.get("skipped", {})}))
 

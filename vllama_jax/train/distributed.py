@@ -13,7 +13,7 @@ import os
 from typing import Mapping
 
 import jax
-from absl import flags
+from absl import flags, logging
 
 
 def in_cluster(environ: Mapping[str, str] | None = None) -> str:
@@ -75,3 +75,11 @@ def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
     """`initialize` with the values of the flags `define_flags` declared."""
     return initialize(flag_values.distributed, flag_values.coordinator_address, flag_values.num_processes,
                       flag_values.process_id)
+
+
+def start_process(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
+    """What a console script does first: absl logging at WARNING (unless --verbosity says otherwise), then
+    `initialize_from_flags`."""
+    if not flag_values["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    return initialize_from_flags(flag_values)

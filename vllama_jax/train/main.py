@@ -3,7 +3,7 @@ process of a TPU pod or SLURM job adds `--distributed`). Exit status 0 when the 
 1 when too many non-finite steps stopped it."""
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from vllama_jax.train import distributed
@@ -16,9 +16,7 @@ distributed.define_flags()
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    distributed.initialize_from_flags()
+    distributed.start_process()
     result = train(_CONFIG.value, _WORKDIR.value)
     print(result)
     return 0 if result["stop"] in ("done", "preempted") else 1  # too many non-finite steps: the run failed
