@@ -134,6 +134,7 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
     config.data = dict(
         num_frames=8,
         frame_sampling=recipe["frame_sampling"],
+        crop_scale=(0.5, 1.0),  # the train RandomResizedCrop's area fraction range (the original's)
         max_txt_len=recipe["max_txt_len"],
         end_sym=recipe["end_sym"],
         # stage 2's conversation format, as the original's model_type: LLaMA-2-chat models use [INST], the rest ###
@@ -175,7 +176,10 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
         config.optimizer.update(init_lr=3e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50, iters_per_epoch=300, max_epoch=6)
         config.train.update(steps=1800, checkpoint_every=300, log_every=150)
         config.batch_size = 32
-        config.data.update(num_frames=4, max_txt_len=16, synthetic_clips=960, synthetic_eval_clips=48)
+        # Its shapes differ in area as well as outline, and the original crop's zoom (area 0.5-1) shifts the
+        # area it learns away from what the held-out clips, resized only, show: held-out shape accuracy 69 % with
+        # it, 85 % with 0.9-1 in the main job (README, Measured). A milder zoom keeps the augmentation and the cue.
+        config.data.update(num_frames=4, max_txt_len=16, synthetic_clips=960, synthetic_eval_clips=48, crop_scale=(0.9, 1.0))
         # the one LLM that trains: the tiny LLaMA on the caption text, before it is frozen (tiny_default.py)
         config.llm_pretraining = dict(steps=300, batch_size=32, learning_rate=3e-3, length=40)
         if recipe_name == "audio_visual":  # the clips carry tones; one 2-s fbank clip covers a 2-s clip

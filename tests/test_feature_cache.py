@@ -48,6 +48,8 @@ def test_cache_holds_every_clip_with_the_pipelines_tokens(cache):
     # written); their tokens are the pipeline's own
     tokenizer = load_tokenizer(config.data.tokenizer)
     _, pipeline_cfg = model_and_pipeline(config, tokenizer)
+    assert pipeline_cfg.crop_scale == (0.9, 1.0) == tuple(config.data.crop_scale)  # the tiny default's (configs/)
+    assert reading_config(pipeline_cfg, augment=True).crop_scale == (0.9, 1.0)
     batches = list(make_single_pass(shard_paths(config.data.shards), reading_config(pipeline_cfg), tokenizer))
     assert [int(b["example_mask"].sum()) for b in batches] == [8, 4]
     records = [decode(r)[1] for r in grain.sources.ArrayRecordDataSource(shard_paths(out))]

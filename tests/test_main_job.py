@@ -59,9 +59,10 @@ def test_it_learns_to_caption_held_out_clips(main_job):
     report = json.loads((workdir / "eval.json").read_text())
     assert report["clips"] == 48
     accuracy = report["attribute_accuracy"]
-    # measured: colour 100 %, motion 90 %, shape 69 % (chance 25 / 25 / 33 %); earlier runs of nearby settings
-    # ranged over motion 58-88 %, shape 52-73 %. The floors sit below that spread and well above chance.
-    floors = {"color": 0.9, "motion": 0.5, "shape": 0.45}
+    # measured with the tiny default's mild crop (data.crop_scale 0.9-1): colour 100 %, motion 100 / 98 %, shape
+    # 85 % in two runs (chance 25 / 25 / 33 %); with the original's 0.5-1 crop, shape ranged over 52-75 % and
+    # motion over 58-98 %. The floors sit below that spread and well above chance.
+    floors = {"color": 0.9, "motion": 0.75, "shape": 0.7}
     for attribute, floor in floors.items():
         assert accuracy[attribute] >= floor > report["chance"][attribute] + 0.1, (attribute, accuracy)
 

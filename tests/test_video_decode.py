@@ -332,6 +332,14 @@ def test_train_transform_matches_a_torch_reference():
     # one crop box for the whole clip: identical frames stay identical
     same = video.train_transform(np.repeat(frames[:1], 3, axis=0), np.random.default_rng(0), 32)
     assert (same[0] == same[1]).all() and (same[1] == same[2]).all()
+    # a narrower area range (data.crop_scale) reaches the crop box: the same draws, that range's box
+    mild = video.train_transform(frames, np.random.default_rng(seed), 32, scale=(0.9, 1.0))
+    top, left, h, w = video.random_resized_crop_params(60, 80, np.random.default_rng(seed), scale=(0.9, 1.0))
+    assert h * w >= 0.88 * 60 * 80 and not np.array_equal(mild, ours)
+    crop = torch.from_numpy(frames).double().permute(3, 0, 1, 2)[:, :, top:top + h, left:left + w]
+    resized = torch.nn.functional.interpolate(crop, size=(32, 32), mode="bicubic", align_corners=False)
+    reference = clip_normalize(resized.clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).float() / 255.0).numpy()
+    np.testing.assert_allclose(mild, reference, atol=1e-5)
 
 
 def test_eval_transform():

@@ -48,6 +48,7 @@ class PipelineConfig:
     num_frames: int = 8  # 1 for image datasets
     frame_sampling: str = "headtail"  # the original train processor's; eval uses uniform
     train: bool = True  # random resized crop (train) or resize only (eval)
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # the train crop's area fraction range (the original's)
     num_soft_tokens: int = 32
     image_token_id: int = 32000
     text_length: int = 1 + 32 + 32  # BOS + soft tokens + max_txt_len for captions
@@ -138,7 +139,7 @@ class ExampleBuilder(grain.transforms.RandomMap):
             raw = np.repeat(raw, cfg.num_frames, axis=0)
         else:
             raw, _ = video.read_frames_seeking(sample.media, indices, cfg.image_size, name=name)
-        frames = video.train_transform(raw, rng, cfg.image_size) if cfg.train else video.eval_transform(raw, cfg.image_size)
+        frames = video.train_transform(raw, rng, cfg.image_size, cfg.crop_scale) if cfg.train else video.eval_transform(raw, cfg.image_size)
         # an image's copies and a short video's repeated last frame only keep the shapes fixed: the model reads the
         # real frames alone (the original's 1-frame video, and its min(n_frms, vlen) frames of a short video)
         frame_mask = np.arange(cfg.num_frames) < real

@@ -363,10 +363,12 @@ def _to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(frames, 0, 255).astype(np.uint8)
 
 
-def train_transform(frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int) -> np.ndarray:
-    """The original `alpro_video_train`: one RandomResizedCrop box (scale 0.5–1, ratio 3/4–4/3) for the whole
-    clip, bicubic back to image_size², cast to uint8 (see `_to_uint8`), /255, CLIP-normalise. float32 out."""
-    top, left, h, w = random_resized_crop_params(frames_uint8.shape[1], frames_uint8.shape[2], rng)
+def train_transform(frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int,
+                    scale: tuple[float, float] = (0.5, 1.0)) -> np.ndarray:
+    """The original `alpro_video_train`: one RandomResizedCrop box (area fraction `scale`, the original's
+    0.5–1; ratio 3/4–4/3) for the whole clip, bicubic back to image_size², cast to uint8 (see `_to_uint8`), /255,
+    CLIP-normalise. float32 out."""
+    top, left, h, w = random_resized_crop_params(frames_uint8.shape[1], frames_uint8.shape[2], rng, scale=scale)
     crop = frames_uint8[:, top:top + h, left:left + w]
     return normalize(_to_uint8(resize_bicubic(crop, image_size)))
 

@@ -34,6 +34,7 @@ def model_and_pipeline(config, tokenizer) -> tuple[VideoLlamaConfig, PipelineCon
         image_size=model_cfg.vision.image_size,
         num_frames=config.data.num_frames,
         frame_sampling=config.data.frame_sampling,
+        crop_scale=tuple(config.data.crop_scale),
         num_soft_tokens=num_soft_tokens,
         image_token_id=model_cfg.image_token_id,
         text_length=1 + placeholders + prompt_text + config.data.max_txt_len,
