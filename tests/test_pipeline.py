@@ -58,6 +58,13 @@ def test_batches_have_static_shapes_and_caption_labels(shards, tokenizer):
     assert -1.8 < float(np.median(batch["frames"][..., 2])) < -1.2
 
 
+def test_a_crop_range_outside_the_frame_is_refused():
+    for scale in ((0.5, 1.5), (0.0, 1.0), (0.9, 0.5)):
+        with pytest.raises(ValueError, match=r"crop_scale .*0 < min <= max <= 1"):
+            PipelineConfig(batch_size=1, crop_scale=scale)
+    assert PipelineConfig(batch_size=1, crop_scale=(1.0, 1.0)).crop_scale == (1.0, 1.0)
+
+
 def test_epoch_order_is_a_seeded_global_shuffle(shards, tokenizer):
     cfg = config(tokenizer, num_epochs=1, batch_size=1)
     ids = lambda seed: [tuple(b["input_ids"][0]) for b in make_dataset(shards, dataclasses.replace(cfg, seed=seed), tokenizer)]  # noqa: E731

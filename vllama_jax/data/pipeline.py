@@ -64,6 +64,12 @@ class PipelineConfig:
     worker_count: int = 0  # grain worker processes (0 = decode in this process)
     worker_buffer_size: int = 2
 
+    def __post_init__(self):
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale {tuple(self.crop_scale)}: the train crop's area fractions must satisfy "
+                             f"0 < min <= max <= 1")
+
 
 class ExampleBuilder(grain.transforms.RandomMap):
     """record bytes + rng -> one fixed-shape example (dict of numpy arrays)."""
