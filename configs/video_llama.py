@@ -12,6 +12,7 @@ import dataclasses
 
 import ml_collections
 
+from vllama_jax.data.video import TRAIN_CROP_SCALE
 from vllama_jax.models.llama import LlamaConfig
 from vllama_jax.models.video_llama import VideoLlamaConfig
 from vllama_jax.sharding import DEFAULT_RULES
@@ -134,7 +135,7 @@ def get_config(arg: str = "llama2_7b_chat") -> ml_collections.ConfigDict:
     config.data = dict(
         num_frames=8,
         frame_sampling=recipe["frame_sampling"],
-        crop_scale=(0.5, 1.0),  # the train RandomResizedCrop's area fraction range (the original's)
+        crop_scale=TRAIN_CROP_SCALE,  # the train RandomResizedCrop's area fraction range (the original's)
         max_txt_len=recipe["max_txt_len"],
         end_sym=recipe["end_sym"],
         # stage 2's conversation format, as the original's model_type: LLaMA-2-chat models use [INST], the rest ###

@@ -48,7 +48,7 @@ class PipelineConfig:
     num_frames: int = 8  # 1 for image datasets
     frame_sampling: str = "headtail"  # the original train processor's; eval uses uniform
     train: bool = True  # random resized crop (train) or resize only (eval)
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # the train crop's area fraction range (the original's)
+    crop_scale: tuple[float, float] = video.TRAIN_CROP_SCALE  # the train crop's area fraction range
     num_soft_tokens: int = 32
     image_token_id: int = 32000
     text_length: int = 1 + 32 + 32  # BOS + soft tokens + max_txt_len for captions

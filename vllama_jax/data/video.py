@@ -16,6 +16,7 @@ import numpy as np
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TRAIN_CROP_SCALE = (0.5, 1.0)  # the original train processor's RandomResizedCrop area fraction range
 
 
 def frame_indices(num_video_frames: int, n_frms: int, sampling: str = "uniform", rng: np.random.Generator | None = None):
@@ -290,7 +291,7 @@ def read_frames_seeking(source, indices, image_size: int | None, name: str | Non
     return np.stack([found[i] for i in order]), fps
 
 
-def random_resized_crop_params(height: int, width: int, rng: np.random.Generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_resized_crop_params(height: int, width: int, rng: np.random.Generator, scale=TRAIN_CROP_SCALE, ratio=(3 / 4, 4 / 3)):
     """(top, left, crop height, crop width) by torchvision's RandomResizedCrop rule: 10 tries of a random area
     fraction and log-uniform aspect ratio, then a central crop clamped to the ratio range."""
     area = height * width
@@ -364,7 +365,7 @@ def _to_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 def train_transform(frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int,
-                    scale: tuple[float, float] = (0.5, 1.0)) -> np.ndarray:
+                    scale: tuple[float, float] = TRAIN_CROP_SCALE) -> np.ndarray:
     """The original `alpro_video_train`: one RandomResizedCrop box (area fraction `scale`, the original's
     0.5–1; ratio 3/4–4/3) for the whole clip, bicubic back to image_size², cast to uint8 (see `_to_uint8`), /255,
     CLIP-normalise. float32 out."""
