@@ -32,7 +32,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        # einops, ftfy, regex, iopath: what ImageBind's model files import (the reference in tests/imagebind_reference.py)
+        # einops, ftfy, regex, iopath: what ImageBind's model files import (the reference in vllama_jax/testing/imagebind_reference.py)
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "einops>=0.7", "ftfy>=6", "regex", "iopath>=0.1.9"],
     },
     entry_points={

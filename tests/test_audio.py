@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import kaldi_reference
+from vllama_jax.testing import kaldi_reference
 from vllama_jax.data import audio
 from vllama_jax.data.synthetic import write_test_video
 

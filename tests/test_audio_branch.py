@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllama_jax.bench import torch_reference as ref
-import imagebind_reference as ib_ref
+from vllama_jax.testing import torch_reference as ref
+from vllama_jax.testing import imagebind_reference as ib_ref
 from vllama_jax.config import load_config, model_config
 from vllama_jax.constants import IGNORE_INDEX
 from vllama_jax.convert import imagebind as ib_map
@@ -325,7 +325,7 @@ from vllama_jax.config import load_config
 
 
 def get_config(arg=""):
-    """tiny,audio_stage1 sized like tests/imagebind_reference.py (vision at the 224 px the original code fixes)."""
+    """tiny,audio_stage1 sized like vllama_jax/testing/imagebind_reference.py (vision at the 224 px the original code fixes)."""
     config = load_config("{repo}/configs/video_llama.py:tiny,audio_stage1")
     config.model.imagebind_vision.input_size = (224, 224)
     config.model.imagebind_audio.width, config.model.imagebind_audio.mlp_dim = 32, 128  # the reference's sizes

@@ -17,7 +17,7 @@ def _tiny_without_dropout(tiny_config):
 
 def test_cross_check_passes_for_the_same_weights_and_fails_otherwise(tiny_config, monkeypatch):
     from vllama_jax.bench import train_step
-    from vllama_jax.bench.torch_reference import TorchVideoLlama
+    from vllama_jax.testing.torch_reference import TorchVideoLlama
 
     config = _tiny_without_dropout(tiny_config)
     result = train_step.compare_train_steps(config, batch_size=2, check_steps=3, timed_steps=1, log=lambda *_: None)

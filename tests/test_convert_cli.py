@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from vllama_jax.bench.torch_reference import TorchVideoLlama
+from vllama_jax.testing.torch_reference import TorchVideoLlama
 from test_trainer import environment
 from vllama_jax.config import model_config
 from vllama_jax.convert import sources as src

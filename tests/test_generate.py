@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllama_jax.bench import torch_reference as ref
+from vllama_jax.testing import torch_reference as ref
 from vllama_jax.convert import llama as llama_map
 from vllama_jax.convert.mapping import prefixed
 from vllama_jax.convert.video_llama import load_state_dict

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllama_jax.bench import torch_reference as ref
-from vllama_jax.bench.torch_reference import TorchVideoLlama
+from vllama_jax.testing import torch_reference as ref
+from vllama_jax.testing.torch_reference import TorchVideoLlama
 from vllama_jax.config import model_config
 from vllama_jax.convert import eva_vit as eva_map
 from vllama_jax.convert import llama as llama_map

@@ -130,7 +130,7 @@ def compare_train_steps(config, batch_size: int, check_steps: int, timed_steps: 
     Raises AssertionError when the losses disagree."""
     import torch
 
-    from vllama_jax.bench.torch_reference import TorchVideoLlama
+    from vllama_jax.testing.torch_reference import TorchVideoLlama
 
     model_cfg = bench_model_config(config)
     opt_cfg = OptimizerConfig(**config.optimizer.to_dict())
@@ -243,7 +243,7 @@ def feature_cache_cost(config, full_config, batch_size: int, repeats: int) -> di
         return scan_aware_flops(model_cfg, lambda m: compiled_flops(
             build_sharded_step(full_config, m, text, mesh=mesh, batch_size=1, cached=cached).lower().compile()))
 
-    from vllama_jax.bench.torch_reference import TorchVideoLlama
+    from vllama_jax.testing.torch_reference import TorchVideoLlama
 
     model_cfg = bench_model_config(config)
     batch = make_batch(model_cfg, batch_size, config.data.num_frames, config.data.max_txt_len)
