@@ -38,7 +38,7 @@ setup(
     entry_points={
         "console_scripts": [
             "vllama-demo=vllama_jax.demo:cli",
-            "vllama-prepare=vllama_jax.data.prepare:main",
+            "vllama-prepare=vllama_jax.data.prepare_main:cli",
             "vllama-train=vllama_jax.train.main:cli",
             "vllama-cache=vllama_jax.train.cache_main:cli",
             "vllama-convert=vllama_jax.convert.main:cli",

@@ -3,5 +3,5 @@
 # runs, sharded by the rules table in vllama_jax/sharding.py. Extra arguments are passed through.
 set -euo pipefail
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
-exec vllama-demo --config "${CONFIG:-configs/video_llama.py:tiny}" \
+exec vllama-demo --config "${CONFIG:-configs/video_llama.py:llm=tiny}" \
   --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2 --config.batch_size=4 "$@"

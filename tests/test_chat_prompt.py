@@ -100,7 +100,7 @@ def av_session(tmp_path_factory, tiny_config, tokenizer):
 
     path = tmp_path_factory.mktemp("av") / "tokenizer"
     tokenizer.save_pretrained(path)
-    config = load_config(str(REPO / "configs/video_llama.py:tiny,audio_visual"))
+    config = load_config(str(REPO / "configs/tiny_shapes.py:variant=audio_visual"))
     config.data.tokenizer = str(path)
     return load_session(config, None, log=lambda *_: None)
 
@@ -111,7 +111,7 @@ def test_audio_and_video_of_a_real_mp4_reach_the_prompt(av_session, tmp_path):
 
     from vllama_jax.data.synthetic import write_test_video
     from vllama_jax.infer.chat import Chat
-    from vllama_jax.infer.session import audio_clips, video_frames
+    from vllama_jax.data.media import audio_clips, video_frames
 
     clip = write_test_video(tmp_path / "beep.mp4", num_frames=48, tone_hz=880.0)
     s = av_session
@@ -139,7 +139,7 @@ def test_audio_and_video_of_a_real_mp4_reach_the_prompt(av_session, tmp_path):
 def test_an_image_is_one_frame_with_the_image_message(av_session, tmp_path):
     from vllama_jax.data.synthetic import write_test_image
     from vllama_jax.infer.chat import Chat
-    from vllama_jax.infer.session import image_frames
+    from vllama_jax.data.media import image_frames
 
     s = av_session
     frames = image_frames(write_test_image(tmp_path / "x.jpg"), s.image_size)
@@ -160,7 +160,7 @@ def test_a_long_conversation_keeps_its_end_as_the_demo(av_session, tmp_path):
 
     from vllama_jax.data.synthetic import write_test_video
     from vllama_jax.infer.chat import Chat
-    from vllama_jax.infer.session import video_frames
+    from vllama_jax.data.media import video_frames
 
     s = av_session
     frames, seconds = video_frames(write_test_video(tmp_path / "clip.mp4", num_frames=24), s.num_frames, s.image_size)

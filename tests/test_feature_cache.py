@@ -18,16 +18,16 @@ import flax.linen as nn
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_config):
-    """The tiny default's clips (12 training, 8 held out), tokenizer and frozen checkpoint at test size."""
-    from vllama_jax.train import tiny_default
+def world(tmp_path_factory, demo_config):
+    """The CPU demo's clips (12 training, 8 held out), tokenizer and frozen checkpoint at test size."""
+    from vllama_jax.train import shapes_world
 
-    config = tiny_config.copy_and_resolve_references()
+    config = demo_config.copy_and_resolve_references()
     config.data.update(synthetic_clips=12, synthetic_eval_clips=8)
     config.llm_pretraining.steps = 5
     config.batch_size = 8  # one row per simulated device
     workdir = tmp_path_factory.mktemp("world")
-    return tiny_default.prepare(config, workdir, log=lambda *_: None), workdir
+    return shapes_world.prepare(config, workdir, log=lambda *_: None), workdir
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_cache_holds_every_clip_with_the_pipelines_tokens(cache):
     # written); their tokens are the pipeline's own
     tokenizer = load_tokenizer(config.data.tokenizer)
     _, pipeline_cfg = model_and_pipeline(config, tokenizer)
-    assert pipeline_cfg.crop_scale == (0.9, 1.0) == tuple(config.data.crop_scale)  # the tiny default's (configs/)
+    assert pipeline_cfg.crop_scale == (0.9, 1.0) == tuple(config.data.crop_scale)  # the CPU demo's (configs/tiny_shapes.py)
     assert reading_config(pipeline_cfg, augment=True).crop_scale == (0.9, 1.0)
     batches = list(make_single_pass(shard_paths(config.data.shards), reading_config(pipeline_cfg), tokenizer))
     assert [int(b["example_mask"].sum()) for b in batches] == [8, 4]
@@ -141,7 +141,7 @@ def test_vllama_cache_command_writes_a_cache(world, repo_root, tmp_path):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     out = tmp_path / "cache"
     result = subprocess.run(
-        ["vllama-cache", "--config=configs/video_llama.py:tiny", f"--out={out}", "--config.batch_size=4",
+        ["vllama-cache", "--config=configs/tiny_shapes.py", f"--out={out}", "--config.batch_size=4",
          f"--config.data.shards={config.data.shards}", f"--config.data.tokenizer={config.data.tokenizer}",
          f"--config.train.frozen_checkpoint={config.train.frozen_checkpoint}", "--records_per_shard=100"],
         cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
@@ -149,7 +149,7 @@ def test_vllama_cache_command_writes_a_cache(world, repo_root, tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary == {"records": 12, "shards": 1, "skipped": {}}
     assert read_manifest(out)["records"] == 12
-    again = subprocess.run(["vllama-cache", "--config=configs/video_llama.py:tiny", f"--out={out}",
+    again = subprocess.run(["vllama-cache", "--config=configs/tiny_shapes.py", f"--out={out}",
                             f"--config.data.shards={config.data.shards}", f"--config.data.tokenizer={config.data.tokenizer}"],
                            cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr

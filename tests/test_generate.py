@@ -193,7 +193,7 @@ def test_streaming_yields_the_generated_tokens(pair):
 def test_benchmark_quick_mode_checks_tokens_and_reports_ratios(capsys):
     import math
 
-    from vllama_jax.infer import benchmark
+    from vllama_jax.bench import decode as benchmark
 
     results = benchmark.main(["--quick"])
     assert [(r["batch"], r["prompt"], r["new_tokens"]) for r in results] == [(1, 16, 16), (4, 16, 16)]

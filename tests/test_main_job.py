@@ -135,7 +135,7 @@ def test_caption_cli_reproduces_the_trainers_held_out_captions(main_job, repo_ro
     trainer's evaluation (full recomputation per token) generated."""
     workdir = main_job[0]
     out = workdir / "captions.jsonl"
-    result = _cli(repo_root, "vllama-caption", "--config=configs/video_llama.py:tiny", f"--ckpt={workdir}",
+    result = _cli(repo_root, "vllama-caption", "--config=configs/tiny_shapes.py", f"--ckpt={workdir}",
                   f"--shards={workdir / 'data' / 'eval'}", f"--out={out}", "--max_new_tokens=16", "--batch_size=16")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"\nvllama-caption: {summary}")
@@ -153,7 +153,7 @@ def test_caption_cli_on_a_folder_skips_and_counts_a_broken_video(main_job, repo_
         shutil.copy(workdir / "data" / "eval" / "media" / name, tmp_path / name)
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
     out = tmp_path / "out.jsonl"
-    result = _cli(repo_root, "vllama-caption", "--config=configs/video_llama.py:tiny", f"--ckpt={workdir}",
+    result = _cli(repo_root, "vllama-caption", "--config=configs/tiny_shapes.py", f"--ckpt={workdir}",
                   f"--videos={tmp_path}", f"--out={out}", "--max_new_tokens=16")
     rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert json.loads(result.stdout.strip().splitlines()[-1])["skipped"] == 1
@@ -166,7 +166,7 @@ def test_caption_cli_on_a_folder_skips_and_counts_a_broken_video(main_job, repo_
 def test_chat_cli_answers_in_json_and_streams_the_same_answer(main_job, repo_root):
     workdir = main_job[0]
     video = workdir / "data" / "eval" / "media" / "eval3.mp4"
-    base = ["vllama-chat", "--config=configs/video_llama.py:tiny", f"--ckpt={workdir}", f"--video={video}", "--greedy",
+    base = ["vllama-chat", "--config=configs/tiny_shapes.py", f"--ckpt={workdir}", f"--video={video}", "--greedy",
             "--max_new_tokens=16"]
     # the stage-1 prompt: the answer is the clip's caption, as the trainer's evaluation generated it
     caption = json.loads(_cli(repo_root, *base, "--template=caption", "--question=").stdout)
@@ -182,17 +182,18 @@ def test_chat_cli_answers_in_json_and_streams_the_same_answer(main_job, repo_roo
     assert answers == [first["answer"], first["answer"]]
 
 
-def test_sharded_inference_gives_the_same_captions_on_every_mesh(main_job, tiny_config):
+def test_sharded_inference_gives_the_same_captions_on_every_mesh(main_job, demo_config):
     """Generation on 8 simulated devices: data-parallel, FSDP × tensor and all three axes agree token for token."""
     import jax
     import numpy as np
 
-    from vllama_jax.infer.session import left_pad, load_session, video_frames
+    from vllama_jax.data.media import video_frames
+    from vllama_jax.infer.session import left_pad, load_session
 
     workdir = main_job[0]
     tokens = {}
     for mesh in ({"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 4, "tensor": 2}):
-        config = tiny_config.copy_and_resolve_references()
+        config = demo_config.copy_and_resolve_references()
         config.mesh = mesh
         session = load_session(config, str(workdir), log=lambda *_: None)
         frames = np.stack([video_frames(workdir / "data" / "eval" / "media" / f"eval{i}.mp4", session.num_frames,

@@ -8,7 +8,7 @@ from test_trainer import environment as env
 from test_trainer import SMALL_ARGS, losses, synthetic  # noqa: F401  (the shared synthetic-data fixture)
 from test_trainer import workdir_with_data as prepared
 
-ARGS = ["--config=configs/video_llama.py:tiny", *SMALL_ARGS, "--config.train.steps=6", "--config.train.checkpoint_every=3",
+ARGS = ["--config=configs/tiny_shapes.py", *SMALL_ARGS, "--config.train.steps=6", "--config.train.checkpoint_every=3",
         "--config.batch_size=4"]
 
 

@@ -22,11 +22,11 @@ def _device0_bytes(tree) -> int:
 
 
 @pytest.fixture(scope="module")
-def small_world(tmp_path_factory, tiny_config):
-    """The tiny default's data, tokenizer and frozen checkpoint at test size."""
-    from vllama_jax.train import tiny_default
+def small_world(tmp_path_factory, demo_config):
+    """The CPU demo's data, tokenizer and frozen checkpoint at test size."""
+    from vllama_jax.train import shapes_world
 
-    config = tiny_config.copy_and_resolve_references()
+    config = demo_config.copy_and_resolve_references()
     config.data.update(synthetic_clips=8, synthetic_eval_clips=8)
     config.llm_pretraining.steps = 2
     config.batch_size = 8
@@ -34,7 +34,7 @@ def small_world(tmp_path_factory, tiny_config):
     config.train.update(steps=2, checkpoint_every=2, log_every=1)
     config.eval.at_end = False
     workdir = tmp_path_factory.mktemp("plan_world")
-    return tiny_default.prepare(config, workdir, log=lambda *_: None), workdir
+    return shapes_world.prepare(config, workdir, log=lambda *_: None), workdir
 
 
 def test_the_plan_agrees_with_a_real_run(small_world, tmp_path):

@@ -123,8 +123,8 @@ def test_cli(webvid, tmp_path):
     root, csv_path, media = webvid
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     result = subprocess.run(
-        ["vllama-prepare", "--format", "webvid", "--annotations", str(csv_path), "--media-root", str(media),
-         "--out", str(tmp_path), "--records-per-shard", "3", "--workers", "1"],
+        ["vllama-prepare", "--format", "webvid", "--annotations", str(csv_path), "--media_root", str(media),
+         "--out", str(tmp_path), "--records_per_shard", "3", "--workers", "1"],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,9 @@ from vllama_jax import sharding
 from vllama_jax.config import model_config
 from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama, causal_lm_loss, count_params
 from vllama_jax.train.optimizer import OptimizerConfig, decay_mask, lavis_warmup_cosine, make_optimizer
-from vllama_jax.train.step import batch_keys, init_state, make_train_step, model_inputs, split_params
+from vllama_jax.models.video_llama import Branch
+from vllama_jax.sharded_model import split_params
+from vllama_jax.train.step import init_state, make_train_step, video_llama_loss
 
 OPT = OptimizerConfig(init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=4, iters_per_epoch=6, max_epoch=3, grad_clip=1.0)
 
@@ -59,7 +61,7 @@ def setup(tiny_config):
 def run_steps(model, boxed, batch, opt_cfg=OPT, mesh=None, steps=3):
     optimizer = make_optimizer(opt_cfg)
     trainable, frozen = split_params(nn.unbox(boxed), VISUAL_TRAINABLE)
-    step_fn = make_train_step(model, optimizer, opt_cfg)
+    step_fn = make_train_step(video_llama_loss(model, Branch()), optimizer, opt_cfg)
     if mesh is None:
         state = init_state(trainable, optimizer, jax.random.key(1))
         step = jax.jit(step_fn)
@@ -175,20 +177,20 @@ def test_model_inputs_send_the_frame_mask_where_the_frames_go():
     frames, mask, fbank = np.zeros((1, 2, 4, 4, 3)), np.array([[True, False]]), np.zeros((1, 2, 1, 8, 8))
     features, joint = np.zeros((1, 2, 3, 5)), np.zeros((1, 2, 6))
     batch = {"frames": frames, "frame_mask": mask, "audio": fbank, "video_features": features, "audio_features": joint}
-    visual = model_inputs(batch, "visual")
+    visual = Branch("visual").model_inputs(batch)
     assert visual["frames"] is frames and visual["frame_mask"] is mask
-    from_frames = model_inputs(batch, "audio", "frames")  # the audio stages: frames through ImageBind's vision tower
+    from_frames = Branch("audio", "frames").model_inputs(batch)  # the audio stages: frames through ImageBind's vision tower
     assert from_frames["audio"] is frames and from_frames["audio_modality"] == "vision" and from_frames["frame_mask"] is mask
-    from_fbank = model_inputs(batch, "audio", "fbank")
+    from_fbank = Branch("audio", "fbank").model_inputs(batch)
     assert from_fbank["audio"] is fbank and from_fbank["frame_mask"] is None and from_fbank["frames"] is None
-    both = model_inputs(batch, "audio_visual", "fbank")
+    both = Branch("audio_visual", "fbank").model_inputs(batch)
     assert both["frames"] is frames and both["audio"] is fbank and both["frame_mask"] is mask and both["audio_modality"] == "audio"
-    cached = model_inputs(batch, "audio", "frames", cached=True)
+    cached = Branch("audio", "frames").model_inputs(batch, cached=True)
     assert cached["audio_features"] is joint and cached["frame_mask"] is mask and cached["audio_modality"] == "vision"
-    assert model_inputs(batch, "visual", cached=True)["video_features"] is features
-    assert model_inputs({"frames": frames}, "visual")["frame_mask"] is None  # missing: every frame real
-    assert "frame_mask" in batch_keys("visual") and "frame_mask" in batch_keys("audio", "frames", cached=True)
-    assert "frame_mask" not in batch_keys("audio", "fbank") + batch_keys("audio", "fbank", cached=True)
+    assert Branch("visual").model_inputs(batch, cached=True)["video_features"] is features
+    assert Branch("visual").model_inputs({"frames": frames})["frame_mask"] is None  # missing: every frame real
+    assert "frame_mask" in Branch("visual").batch_keys() and "frame_mask" in Branch("audio", "frames").batch_keys(cached=True)
+    assert "frame_mask" not in Branch("audio", "fbank").batch_keys() + Branch("audio", "fbank").batch_keys(cached=True)
 
 
 def test_non_finite_loss_skips_the_update(setup):

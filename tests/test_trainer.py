@@ -15,14 +15,14 @@ import pytest
 STEPS = 150
 
 
-# the tiny default at test size: fewer clips, a short LLM pretraining, no held-out captioning at the end
+# the CPU demo at test size: fewer clips, a short LLM pretraining, no held-out captioning at the end
 SMALL = {"batch_size": 2, "data.synthetic_clips": 12, "data.synthetic_eval_clips": 16, "llm_pretraining.steps": 20,
          "eval.at_end": False}
 SMALL_ARGS = [f"--config.{k}={v}" for k, v in SMALL.items()]
 
 
 def command(workdir, *overrides, steps=STEPS):
-    return ["vllama-train", "--config=configs/video_llama.py:tiny", f"--workdir={workdir}", *SMALL_ARGS,
+    return ["vllama-train", "--config=configs/tiny_shapes.py", f"--workdir={workdir}", *SMALL_ARGS,
             f"--config.train.steps={steps}", "--config.train.checkpoint_every=4", "--config.train.log_every=1000", *overrides]
 
 
@@ -78,18 +78,19 @@ def interrupt(workdir, repo_root, sig, after_step=9):
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory, tiny_config):
-    """The tiny default's data, tokenizer and frozen checkpoint at test size, made once: x264 may encode the
+def synthetic(tmp_path_factory, repo_root):
+    """The CPU demo's data, tokenizer and frozen checkpoint at test size, made once: x264 may encode the
     same frames differently from run to run, so every run here trains on the same bytes (a resumed run reuses
     its work directory's anyway)."""
-    from vllama_jax.train import tiny_default
+    from vllama_jax.config import load_config
+    from vllama_jax.train import shapes_world
 
-    config = tiny_config.copy_and_resolve_references()
+    config = load_config(str(repo_root / "configs/tiny_shapes.py"))
     for key, value in SMALL.items():
         section, _, name = key.rpartition(".")
         (config[section] if section else config)[name] = value
     template = tmp_path_factory.mktemp("synthetic")
-    tiny_default.prepare(config, template, log=lambda *_: None)
+    shapes_world.prepare(config, template, log=lambda *_: None)
     return template
 
 
@@ -205,7 +206,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(repo_root, tmp_path, 
 
 
 def test_stage2_recipe_starts_from_stage1_weights_on_instruction_shards(repo_root, tmp_path, synthetic, uninterrupted_run):
-    """`tiny,vision_stage2` on LLaVA-format conversation shards (real JPEGs through vllama-prepare), its trainable
+    """`llm=tiny,recipe=vision_stage2` on LLaVA-format conversation shards (real JPEGs through vllama-prepare), its trainable
     weights taken from the stage-1 run, its frozen ones from the frozen checkpoint."""
     import numpy as np
 
@@ -230,7 +231,7 @@ def test_stage2_recipe_starts_from_stage1_weights_on_instruction_shards(repo_roo
 
     workdir = tmp_path / "stage2"
     result = subprocess.run(
-        ["vllama-train", "--config=configs/video_llama.py:tiny,vision_stage2", f"--workdir={workdir}",
+        ["vllama-train", "--config=configs/video_llama.py:llm=tiny,recipe=vision_stage2", f"--workdir={workdir}",
          f"--config.data.shards={tmp_path / 'shards'},{tmp_path / 'captions'}", f"--config.data.tokenizer={synthetic / 'tokenizer'}",
          f"--config.train.frozen_checkpoint={synthetic / 'frozen'}", f"--config.train.init_trainable={uninterrupted_run}",
          "--config.train.steps=2", "--config.batch_size=4"],  # one pass over the 2 × 4 samples
@@ -251,7 +252,7 @@ def test_stage2_recipe_starts_from_stage1_weights_on_instruction_shards(repo_roo
 
 @pytest.mark.parametrize("audio_source", ["frames", "fbank"])
 def test_audio_stage1_trains_only_the_audio_glue(repo_root, tmp_path, synthetic, audio_source):
-    """`tiny,audio_stage1` on WebVid-format shards of mp4s with tones: "frames" feeds the video frames through
+    """`llm=tiny,recipe=audio_stage1` on WebVid-format shards of mp4s with tones: "frames" feeds the video frames through
     ImageBind's vision tower (the paper's audio stages), "fbank" the clips' audio track; only the audio
     Q-Former, its queries, its position embedding and audio_llama_proj are in the train state."""
     import numpy as np
@@ -270,7 +271,7 @@ def test_audio_stage1_trains_only_the_audio_glue(repo_root, tmp_path, synthetic,
 
     workdir = tmp_path / "audio_stage1"
     result = subprocess.run(
-        ["vllama-train", "--config=configs/video_llama.py:tiny,audio_stage1", f"--workdir={workdir}",
+        ["vllama-train", "--config=configs/video_llama.py:llm=tiny,recipe=audio_stage1", f"--workdir={workdir}",
          f"--config.data.shards={tmp_path / 'shards'}", f"--config.data.tokenizer={synthetic / 'tokenizer'}",
          f"--config.data.audio_source={audio_source}", "--config.train.steps=2", "--config.batch_size=2",
          "--config.eval.at_end=False"],
@@ -283,13 +284,13 @@ def test_audio_stage1_trains_only_the_audio_glue(repo_root, tmp_path, synthetic,
 
 
 def test_audio_visual_variant_trains_both_branches_and_scores_the_sounds(repo_root, tmp_path):
-    """`tiny,audio_visual` at test size: clips with tones, both branches' glue trained on frames and fbank
+    """`tiny_shapes.py:variant=audio_visual` at test size: clips with tones, both branches' glue trained on frames and fbank
     together, held-out captions scored on pitch and rhythm as well (the full-size run's numbers: README)."""
     import numpy as np
 
     workdir = tmp_path / "av"
     result = subprocess.run(
-        ["vllama-train", "--config=configs/video_llama.py:tiny,audio_visual", f"--workdir={workdir}",
+        ["vllama-train", "--config=configs/tiny_shapes.py:variant=audio_visual", f"--workdir={workdir}",
          "--config.data.synthetic_clips=16", "--config.data.synthetic_eval_clips=8", "--config.llm_pretraining.steps=10",
          "--config.train.steps=3", "--config.batch_size=4", "--config.eval.batch_size=4", "--config.eval.max_new_tokens=4"],
         cwd=repo_root, env=environment(), capture_output=True, text=True, timeout=600)

@@ -222,7 +222,7 @@ def test_4k_frames_decode_to_the_model_size(tmp_path):
 
 
 def test_bench_runs_and_seeking_wins(tmp_path):
-    from vllama_jax.data import bench
+    from vllama_jax.bench import pipeline as bench
 
     result = bench.run(num_clips=1, seconds=10.0, repeats=1, workdir=tmp_path)
     assert result["clips"] == 1 and result["ratio"] > 1.0

@@ -1,4 +1,5 @@
-"""Loading configs outside absl flags (tests, notebooks); the CLIs use ml_collections' `config_flags`."""
+"""Reading a config: load one outside absl flags (tests, notebooks; the CLIs use ml_collections' `config_flags`),
+and resolve the typed records the code reads from it once (the model dataclass, the training branch)."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,11 +7,11 @@ from pathlib import Path
 
 import ml_collections
 
-from vllama_jax.models.video_llama import VideoLlamaConfig
+from vllama_jax.models.video_llama import Branch, VideoLlamaConfig
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """'configs/video_llama.py:tiny' -> that file's get_config('tiny') (get_config() when no ':arg')."""
+    """'configs/video_llama.py:llm=tiny' -> that file's get_config('llm=tiny') (get_config() when no ':arg')."""
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -20,6 +21,31 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
+def parse_arg(arg: str, positional: tuple[str, ...] = (), **defaults) -> ml_collections.ConfigDict:
+    """A config file's argument string as named fields over `defaults` (big_vision's habit):
+    "llm=tiny,recipe=vision_stage2" -> {llm: "tiny", recipe: "vision_stage2", <other defaults>}. Bare values fill
+    the `positional` names in order ("tiny,vision_stage2", the old spelling). Values take their default's type
+    (bool, int, float, str); an unknown name is refused with the known ones."""
+    out = dict(defaults)
+    bare = 0
+    for part in filter(None, (p.strip() for p in arg.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq:
+            if bare >= len(positional):
+                raise ValueError(f"config argument {arg!r}: {part!r} needs a name (known: {sorted(defaults)})")
+            name, value, bare = positional[bare], part, bare + 1
+        if name not in defaults:
+            raise ValueError(f"config argument {arg!r}: unknown name {name!r} (known: {sorted(defaults)})")
+        kind = type(defaults[name])
+        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return ml_collections.ConfigDict(out)
+
+
 def model_config(config: ml_collections.ConfigDict) -> VideoLlamaConfig:
     """The frozen model dataclass for `config.model` (raises on unknown keys)."""
     return VideoLlamaConfig.from_dict(config.model.to_dict())
+
+
+def branch(config: ml_collections.ConfigDict) -> Branch:
+    """What the config's stage trains and reads (`train.branch`, `data.audio_source`), validated."""
+    return Branch(config.train.branch, config.data.audio_source)

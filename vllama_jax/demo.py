@@ -1,7 +1,7 @@
 """`vllama-demo`: the CPU main job for now. Builds the model from a config, runs it on a video clip (a
 generated mp4 unless --video is given) and prints the soft-token shape and the stage-1 caption loss.
 
-    vllama-demo --config configs/video_llama.py:tiny [--config.model.llm.num_layers=3] [--video clip.mp4]
+    vllama-demo --config configs/video_llama.py:llm=tiny [--config.model.llm.num_layers=3] [--video clip.mp4]
 
 Parameters are random (seeded); sharding follows the config's mesh and logical-axis rules.
 """
@@ -13,22 +13,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vllama_jax import sharding
+from vllama_jax import sharded_model, sharding
 from vllama_jax.config import model_config
 from vllama_jax.constants import IMAGE_PLACEHOLDER
 from vllama_jax.data import text, video
 from vllama_jax.data.synthetic import write_test_video
 from vllama_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
-from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama, causal_lm_loss, count_params
+from vllama_jax.models.video_llama import causal_lm_loss
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/video_llama.py:tiny", "model / data / mesh config")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/video_llama.py:llm=tiny", "model / data / mesh config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the generated clip and tokenizer go (default: a temp dir)")
 _VIDEO = flags.DEFINE_string("video", None, "an mp4 to use instead of the generated clip")
 _CAPTION = flags.DEFINE_string("caption", "A red square slides from left to right.", "the caption to score")
@@ -60,7 +58,6 @@ def run(config, workdir: Path, video_path: str | None, caption: str) -> dict:
         raise ValueError(f"tokenizer has {base_vocab} tokens but the LLM vocabulary is {model_cfg.llm.vocab_size}")
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     model_cfg = dataclasses.replace(model_cfg, image_token_id=image_token_id)
-    model = VideoLlama(model_cfg)
 
     if video_path is None:
         video_path = write_test_video(workdir / "clip.mp4", num_frames=24, size=(64, 48))
@@ -77,33 +74,29 @@ def run(config, workdir: Path, video_path: str | None, caption: str) -> dict:
     batch["frames"] = np.repeat(frames[None], config.batch_size, axis=0)
     text.check_placeholders(batch["input_ids"], image_token_id, model_cfg.num_video_query_tokens)
 
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = [tuple(r) for r in config.logical_axis_rules]
-    sample = (jnp.asarray(batch["frames"]), jnp.asarray(batch["input_ids"]))
-    init = lambda key: model.init(key, *sample)["params"]  # noqa: E731
-    abstract = jax.eval_shape(init, jax.random.key(config.seed))
-    param_shardings = sharding.mesh_shardings(abstract, mesh, rules)
-    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim, rules) for k, v in batch.items()}
+    model = sharded_model.from_config(config, model_cfg)
+    batch_shardings = {k: sharding.batch_sharding(model.mesh, v.ndim, model.rules) for k, v in batch.items()}
 
     def forward(params, batch):
-        logits, soft_tokens = model.apply({"params": params}, batch["frames"], batch["input_ids"], batch["padding_mask"])
+        logits, soft_tokens = model.module.apply({"params": params}, batch["frames"], batch["input_ids"],
+                                                 batch["padding_mask"])
         loss, count = causal_lm_loss(logits, batch["labels"])
         return soft_tokens["video"], loss, count
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with model.on_mesh():
         start = time.perf_counter()
-        params = jax.jit(lambda k: nn.unbox(init(k)), out_shardings=param_shardings)(jax.random.key(config.seed))
+        params = model.random()
         batch = jax.device_put(batch, batch_shardings)
-        soft_tokens, loss, count = jax.jit(forward, in_shardings=(param_shardings, batch_shardings))(params, batch)
+        soft_tokens, loss, count = jax.jit(forward, in_shardings=(model.shardings, batch_shardings))(params, batch)
         loss = float(loss)
         seconds = time.perf_counter() - start
     return {
         "config": config.name,
         "video": str(video_path),
         "devices": jax.device_count(),
-        "mesh": dict(mesh.shape),
-        "parameters": count_params(abstract),
-        "trainable_parameters": count_params(abstract, VISUAL_TRAINABLE),
+        "mesh": dict(model.mesh.shape),
+        "parameters": model.count()[0],
+        "trainable_parameters": model.count(model.trainable_names)[0],
         "soft_tokens_shape": list(soft_tokens.shape),
         "caption_tokens": int(count),
         "caption_loss": loss,

@@ -8,7 +8,7 @@ of time on abstract inputs over simulated devices; nothing is allocated.
 
 Per device it reports XLA's memory analysis of the compiled program (arguments, outputs, temporaries, and the
 peak they imply), the FLOPs of one step (scanned layers counted per layer), the parameter and optimizer-state
-bytes split trainable / frozen, and which accelerators' HBM that peak fits. `--max-batch` finds the largest
+bytes split trainable / frozen, and which accelerators' HBM that peak fits. `--max_batch` finds the largest
 per-device batch that fits the named accelerators: memory grows linearly with the batch, so two compiles give the
 line and one or two more confirm its prediction.
 
@@ -24,19 +24,7 @@ import os
 import sys
 import time
 
-# HBM per chip or GPU. TPU capacities as Google documents them (JAX reports them in GiB); GPU capacities as
-# NVIDIA's datasheets give them, in decimal GB (what a process can allocate is a little less still).
-GIB, GB = 2**30, 10**9
-ACCELERATORS = {
-    "v4": (32 * GIB, "TPU v4, 32 GiB HBM2: cloud.google.com/tpu/docs/v4"),
-    "v5e": (16 * GIB, "TPU v5e, 16 GB HBM2: cloud.google.com/tpu/docs/v5e"),
-    "v5p": (95 * GIB, "TPU v5p, 95 GB HBM2e: cloud.google.com/tpu/docs/v5p"),
-    "v6e": (32 * GIB, "TPU v6e (Trillium), 32 GB HBM: cloud.google.com/tpu/docs/v6e"),
-    "a100-40gb": (40 * GB, "NVIDIA A100 40GB HBM2: nvidia.com/en-us/data-center/a100"),
-    "a100-80gb": (80 * GB, "NVIDIA A100 80GB HBM2e: nvidia.com/en-us/data-center/a100"),
-    "h100": (80 * GB, "NVIDIA H100 SXM 80GB HBM3: nvidia.com/en-us/data-center/h100"),
-    "h200": (141 * GB, "NVIDIA H200 141GB HBM3e: nvidia.com/en-us/data-center/h200"),
-}
+from vllama_jax import accelerators as hardware
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -72,8 +60,8 @@ def plan_train(config, mesh, per_device_batch: int, text_length: int | None = No
                flops: bool = True) -> dict:
     """Compile `config`'s train step for `per_device_batch` examples per data-parallel device on `mesh`."""
     from vllama_jax.config import model_config
-    from vllama_jax.train.flops import compiled_flops, scan_aware_flops
-    from vllama_jax.train.sharded import build_sharded_step
+    from vllama_jax.train.flops import compiled_flops
+    from vllama_jax.train.sharded import build_sharded_step, step_flops
 
     model_cfg = model_config(config)
     text_length = text_length or default_text_length(config, model_cfg)
@@ -94,20 +82,20 @@ def plan_train(config, mesh, per_device_batch: int, text_length: int | None = No
     }
     if flops:
         started = time.perf_counter()
-        result["flops_per_device"] = scan_aware_flops(model_cfg, lambda m: compiled_flops(
-            build_sharded_step(config, m, text_length, mesh=mesh, batch_size=per_device_batch * replicas,
-                               cached=cached).lower().compile()), unscanned=compiled_flops(compiled))
+        result["flops_per_device"] = step_flops(config, model_cfg, text_length, mesh=mesh,
+                                                batch_size=per_device_batch * replicas, cached=cached,
+                                                unscanned=compiled_flops(compiled))
         result["flops_seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
 def default_text_length(config, model_cfg) -> int:
     """Stage 1's layout, [BOS] + soft tokens + max_txt_len caption tokens (stage 2's prompts add their text:
-    pass --text-length for those)."""
-    soft = model_cfg.num_audio_query_tokens if config.train.branch == "audio" else model_cfg.num_video_query_tokens
-    if config.train.branch == "audio_visual":
-        soft += model_cfg.num_audio_query_tokens
-    return 1 + soft + config.data.max_txt_len
+    pass --text_length for those)."""
+    from vllama_jax.config import branch
+    from vllama_jax.train.inputs import text_length
+
+    return text_length(branch(config), model_cfg, config.data.max_txt_len)
 
 
 def plan_decode(config, mesh, per_device_batch: int, cache_length: int) -> dict:
@@ -116,35 +104,34 @@ def plan_decode(config, mesh, per_device_batch: int, cache_length: int) -> dict:
     through the loop every token)."""
     import dataclasses
 
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from vllama_jax import sharding
     from vllama_jax.config import model_config
     from vllama_jax.infer.generate import GenerationConfig, advance, start
-    from vllama_jax.models.llama import LlamaForCausalLM
+    from vllama_jax.models.llama import CACHE_AXES, LlamaForCausalLM
+    from vllama_jax.sharded_model import ShardedModel, rules_of
     from vllama_jax.train.flops import compiled_flops
-    from vllama_jax.train.sharded import unboxed
 
     llm_cfg = dataclasses.replace(model_config(config).llm, scan_layers=False)
     llm = LlamaForCausalLM(llm_cfg)
-    rules = [tuple(r) for r in config.logical_axis_rules]
+    model = ShardedModel(llm, lambda rng: llm.init(rng, jnp.zeros((1, 1), jnp.int32))["params"], (), mesh,
+                         rules_of(config), config.seed)
+    rules = model.rules
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = per_device_batch * replicas
     gen = GenerationConfig(max_new_tokens=cache_length - 1, eos_token_id=2)
-    boxed = jax.eval_shape(lambda: llm.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed(boxed),
-                                    sharding.mesh_shardings(boxed, mesh, rules))
+    params = model.abstract()
     prompt = jax.ShapeDtypeStruct((batch, 1, llm_cfg.hidden_size), jnp.dtype(llm_cfg.dtype))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with model.on_mesh():
         state = jax.eval_shape(lambda p, e: start(llm, p, e, jnp.ones(e.shape[:2], bool), gen), params, prompt)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         batch_leading = lambda x: sharding.batch_sharding(mesh, len(x.shape), rules) if x.shape and x.shape[0] == batch \
             else replicated  # noqa: E731
-        shardings = {k: (sharding.cache_shardings(v, mesh, rules) if k == "cache" else jax.tree_util.tree_map(batch_leading, v))
-                     for k, v in state.items()}
-        state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        shardings = {k: (sharding.cache_shardings(v, CACHE_AXES, mesh, rules) if k == "cache"
+                         else jax.tree_util.tree_map(batch_leading, v)) for k, v in state.items()}
+        state = sharding.with_shardings(state, shardings)
         step = jax.jit(lambda p, s: advance(llm, p, s, gen), out_shardings=shardings, donate_argnums=1)
         started = time.perf_counter()
         compiled = step.lower(params, state).compile()
@@ -219,8 +206,8 @@ def report(result: dict, accelerators: list[str]) -> list[str]:
                   f"({_mib(g['frozen_bytes'])} MiB); optimizer state {_mib(g['optimizer_bytes'])} MiB (trainable only)"]
     lines += ["", "| accelerator | HBM GiB | peak / HBM | fits |", "|---|---|---|---|"]
     for name in accelerators:
-        capacity, _ = ACCELERATORS[name]
-        lines.append(f"| {name} | {capacity / GIB:.1f} | {mem['peak_bytes'] / capacity:.0%} | {'yes' if mem['peak_bytes'] <= capacity else 'no'} |")
+        capacity = hardware.get(name).hbm_bytes
+        lines.append(f"| {name} | {capacity / hardware.GIB:.1f} | {mem['peak_bytes'] / capacity:.0%} | {'yes' if mem['peak_bytes'] <= capacity else 'no'} |")
     for name, found in result.get("max_batch", {}).items():
         lines.append(f"\nlargest per-device batch on {name}: **{found['batch']}** (peaks measured, MiB: "
                      + ", ".join(f"b={b}: {_mib(p)}" for b, p in sorted(found["peaks"].items())) + ")")
@@ -236,8 +223,7 @@ def run(config, *, devices: int, meshes: list[str], batch_per_device: int = 1, t
     from vllama_jax.sharding import make_mesh
 
     for name in (*max_batch, *accelerators):
-        if name not in ACCELERATORS:
-            raise ValueError(f"unknown accelerator {name!r}: known {sorted(ACCELERATORS)}")
+        hardware.get(name)  # refuses an unknown name before anything compiles
     if len(jax.devices()) < devices:
         raise ValueError(f"asked for {devices} devices, JAX has {len(jax.devices())}: simulated devices must be "
                          "requested (XLA_FLAGS=--xla_force_host_platform_device_count) before JAX is imported")
@@ -255,7 +241,7 @@ def run(config, *, devices: int, meshes: list[str], batch_per_device: int = 1, t
         if max_batch:
             result["max_batch"] = {}
             for name in max_batch:
-                found, seen = largest_batch(peak_of, ACCELERATORS[name][0])
+                found, seen = largest_batch(peak_of, hardware.get(name).hbm_bytes)
                 result["max_batch"][name] = {"batch": found, "peaks": seen}
         results.append(result)
         log("\n".join(report(result, accelerators)) + "\n")
@@ -276,7 +262,8 @@ def _flags():
     flags.DEFINE_integer("text_length", None, "tokens per example (default: stage 1's layout)")
     flags.DEFINE_bool("cached", False, "the step of a run reading the frozen-feature cache")
     flags.DEFINE_bool("flops", True, "count the step's FLOPs (a few shallow compiles)")
-    flags.DEFINE_list("max_batch", [], f"accelerators ({', '.join(ACCELERATORS)}) to find the largest per-device batch for")
+    flags.DEFINE_list("max_batch", [], f"accelerators ({', '.join(hardware.ACCELERATORS)}) to find the largest "
+                      "per-device batch for")
     flags.DEFINE_list("accelerators", ["v5e", "v5p", "v6e", "a100-80gb", "h100"], "accelerators the fit table shows")
     flags.DEFINE_bool("decode", False, "also plan one cached decoding step")
     flags.DEFINE_integer("decode_batch", 8, "decode rows per data-parallel device")

@@ -58,15 +58,29 @@ def logical_specs(boxed_tree: Any) -> Any:
     return nn.get_partition_spec(boxed_tree)
 
 
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def unboxed(tree: Any) -> Any:
+    """The values of a boxed tree without nn.unbox's sharding constraints (which need concrete arrays under a
+    mesh): works on abstract trees."""
+    return jax.tree_util.tree_map(lambda x: x.value if _is_box(x) else x, tree, is_leaf=_is_box)
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves (arrays or abstract) carrying the matching `shardings`: what an AOT
+    compile or a sharded restore reads."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def mesh_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
     """NamedShardings for a boxed (abstract or concrete) parameter tree under `rules`.
 
     A dimension whose size the mesh axes do not divide is replicated instead (tiny test configs, odd vocabularies)
     so every config runs on every mesh; at full size the default rules divide evenly.
     """
-    # read shapes without unboxing: unboxing applies sharding constraints when called under a mesh context
-    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
-    shapes = jax.tree_util.tree_map(lambda x: (x.value if is_box(x) else x).shape, boxed_tree, is_leaf=is_box)
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, unboxed(boxed_tree))  # unboxed: no constraints applied
     return logical_shardings(logical_specs(boxed_tree), shapes, mesh, rules)
 
 
@@ -85,14 +99,14 @@ def logical_shardings(specs: Any, shapes: Any, mesh: Mesh, rules: Sequence[tuple
     return jax.tree_util.tree_map(fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def cache_shardings(cache: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
-    """NamedShardings for a LLaMA KV cache tree (arrays or ShapeDtypeStructs), by its variables' logical axes
-    (`models.llama.CACHE_AXES`; a scanned decoder's leading axis is `layers`)."""
-    from vllama_jax.models.llama import CACHE_AXES
-
+def cache_shardings(cache: Any, axes: dict[str, tuple[str, ...]], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a KV cache tree (arrays or ShapeDtypeStructs) whose variables' logical axes `axes` names
+    by variable name (`models.llama.CACHE_AXES`); a leaf with one more dimension (a scanned decoder's) leads with
+    `layers`."""
     def spec(path, leaf):
-        axes = CACHE_AXES[path[-1].key]
-        return PartitionSpec(*(("layers",) if len(leaf.shape) > len(axes) else ()), *axes)
+        names = axes[path[-1].key]
+        return PartitionSpec(*(("layers",) if len(leaf.shape) > len(names) else ()), *names)
 
     specs = jax.tree_util.tree_map_with_path(spec, cache)
     shapes = jax.tree_util.tree_map(lambda x: x.shape, cache)

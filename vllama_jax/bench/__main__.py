@@ -45,8 +45,8 @@ def run(quick: bool, config_path: str, log=print) -> dict:
     from vllama_jax.bench import train_step
     from vllama_jax.config import load_config
 
-    config = load_config(f"{config_path}:bench")
-    full = load_config(f"{config_path}:llama2_7b_chat")
+    config = load_config(f"{config_path}:llm=bench")
+    full = load_config(f"{config_path}:llm=llama2_7b_chat")
     batch, check, timed, repeats = (2, 2, 3, 3) if quick else (4, 3, 8, 5)
     report = {"machine": machine(), "quick": quick, "config": {"name": "bench", "model": config.model.to_dict(),
                                                                "batch_size": batch, "frames": config.data.num_frames}}
@@ -61,7 +61,7 @@ def run(quick: bool, config_path: str, log=print) -> dict:
         report["train_step_double_batch"] = {k: double[k] for k in ("batch_size", "ours_seconds", "pytorch_seconds", "speedup")}
 
     # the same comparison where the step is too small to be compute-bound: what dispatch and fusion are worth
-    tiny = load_config(f"{config_path}:tiny")
+    tiny = load_config(f"{config_path}:llm=tiny")
     tiny.model.video_qformer.update(hidden_dropout=0.0, attention_dropout=0.0)  # for the loss cross-check
     small = train_step.compare_train_steps(tiny, 8, 1, 3 * timed, log=log)
     report["train_step_tiny"] = {k: small[k] for k in ("batch_size", "ours_seconds", "pytorch_seconds", "speedup", "step_flops")}
@@ -75,7 +75,7 @@ def run(quick: bool, config_path: str, log=print) -> dict:
                           "parts": train_step.step_parts(config, batch, repeats)}
 
     log("[3/5] input pipeline: seeking decoder vs full decode, against the step's appetite")
-    from vllama_jax.data import bench as data_bench
+    from vllama_jax.bench import pipeline as data_bench
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = data_bench.run(2 if quick else 4, 6.0 if quick else 12.0, 2 if quick else 3, Path(tmp))
@@ -86,7 +86,7 @@ def run(quick: bool, config_path: str, log=print) -> dict:
                           "cores_needed_to_keep_up": consumed / pipe["ours_clips_per_s_cpu"]}
 
     log("[4/5] generation: cached decoding vs transformers' generate")
-    from vllama_jax.infer import benchmark as decode_bench
+    from vllama_jax.bench import decode as decode_bench
 
     runs = [("tiny", 1, 16, 16, 2)] if quick else [("tiny", 1, 128, 64, 3), ("small", 1, 128, 64, 3), ("small", 8, 128, 64, 3)]
     report["generation"] = [decode_bench.measure(*r) for r in runs]

@@ -21,12 +21,12 @@ import numpy as np
 from vllama_jax.config import model_config
 from vllama_jax.constants import IGNORE_INDEX
 from vllama_jax.convert.video_llama import UNUSED_KEYS, load_state_dict, scanned_subtrees, video_llama_rules
-from vllama_jax.models.video_llama import VideoLlama, causal_lm_loss
-from vllama_jax.sharding import make_mesh
-from vllama_jax.train.flops import compiled_flops, scan_aware_flops
+from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama, causal_lm_loss
+from vllama_jax.sharding import make_mesh, unboxed
+from vllama_jax.train.flops import compiled_flops
 from vllama_jax.train.optimizer import OptimizerConfig, lavis_warmup_cosine
-from vllama_jax.train.sharded import build_sharded_step, unboxed
-from vllama_jax.train.step import init_state, split_params
+from vllama_jax.train.sharded import build_sharded_step, step_flops
+from vllama_jax.train.step import init_state
 
 
 def bench_model_config(config):
@@ -60,10 +60,9 @@ class TorchTrainer:
         import torch
 
         self.torch, self.model = torch, torch_model
-        trainable = ("video_Qformer", "video_query_tokens", "video_frame_position_embedding", "llama_proj")
         decay, no_decay = [], []
         for name, p in torch_model.named_parameters():
-            p.requires_grad_(name.split(".")[0] in trainable)
+            p.requires_grad_(name.split(".")[0] in VISUAL_TRAINABLE)
             if p.requires_grad:  # as the recipe: no weight decay on biases and vectors
                 (decay if p.ndim >= 2 else no_decay).append(p)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opt_cfg.weight_decay},
@@ -94,11 +93,12 @@ def ours_from_torch(config, model_cfg, torch_model, batch_size: int, text_length
     """(build, state, frozen): our step on one device, with the PyTorch model's weights (through the converter)."""
     build = build_sharded_step(config, model_cfg, text_length, mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
                                batch_size=batch_size, cached=cached)
-    params = load_state_dict(torch_model.original_state_dict(), video_llama_rules(model_cfg), unboxed(build.boxed_params),
-                             scanned_subtrees(model_cfg), ignore=UNUSED_KEYS, source_name="the PyTorch benchmark model")
-    trainable, frozen = split_params(jax.tree_util.tree_map(jnp.asarray, params), build.trainable_names)
-    state = init_state(trainable, build.optimizer, jax.random.PRNGKey(config.seed + 1))
-    frozen = {k: v for k, v in frozen.items() if k in build.frozen_shardings}
+    params = load_state_dict(torch_model.original_state_dict(), video_llama_rules(model_cfg),
+                             unboxed(build.model.boxed_params), scanned_subtrees(model_cfg), ignore=UNUSED_KEYS,
+                             source_name="the PyTorch benchmark model")
+    trainable, frozen = build.model.split(jax.tree_util.tree_map(jnp.asarray, params))
+    state = init_state(trainable, build.optimizer, jax.random.PRNGKey(build.state_seed))
+    frozen = {k: v for k, v in frozen.items() if k in build.frozen_names}
     return build, state, frozen, params
 
 
@@ -198,7 +198,7 @@ def step_parts(config, batch_size: int, repeats: int) -> list[dict]:
                                             deterministic=True), embeds)
 
     features = jax.jit(image_qformer)(image_embeds).reshape(b, t, model_cfg.num_query_tokens, -1)
-    trainable = {k: params[k] for k in ("video_Qformer", "video_query_tokens", "video_frame_position_embedding", "llama_proj")}
+    trainable = {k: params[k] for k in VISUAL_TRAINABLE}
 
     def glue(train_params, feats):
         soft = model.apply({"params": {**params, **train_params}}, None, features=feats, method=VideoLlama.encode_video)
@@ -240,8 +240,7 @@ def feature_cache_cost(config, full_config, batch_size: int, repeats: int) -> di
         model_cfg = model_config(full_config)
         text = 1 + model_cfg.num_video_query_tokens + full_config.data.max_txt_len
         mesh = make_mesh((1, 1, 1), jax.devices()[:1])
-        return scan_aware_flops(model_cfg, lambda m: compiled_flops(
-            build_sharded_step(full_config, m, text, mesh=mesh, batch_size=1, cached=cached).lower().compile()))
+        return step_flops(full_config, model_cfg, text, mesh=mesh, batch_size=1, cached=cached)
 
     from vllama_jax.testing.torch_reference import TorchVideoLlama
 

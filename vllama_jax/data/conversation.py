@@ -93,22 +93,41 @@ def vicuna_ids_and_labels(tokenizer, turns: list[dict[str, str]]) -> tuple[list[
     return ids, labels
 
 
-def llama_2_prompt(turns: list[dict[str, str]], system: str = " ") -> str:
-    """The original's Conversation.get_prompt, LLaMA-2 style, for a conversation of alternating turns."""
-    if turns and turns[0]["from"] != "human":
-        turns = turns[1:]  # "Skip the first one if it is not from human"
+def llama_2_render(messages: list[str | None], system: str) -> str:
+    """The original's Conversation.get_prompt, LLaMA-2 style, the one builder training and the demo share:
+    `messages` alternate user, assistant (an empty one, such as the slot being generated, is skipped); the first
+    carries the system block; "<s>[INST] {user} [/INST]" and " {answer} </s>" per turn; the leading "<s>" taken
+    off by the original's character-set `lstrip("<s>")` (the "[" of "[INST]" stops it)."""
     out = ""
-    for i, turn in enumerate(turns):
-        expected = "human" if i % 2 == 0 else "gpt"
-        if turn["from"] != expected:
-            raise ValueError(f"llama_2 template: turn {i} is from {turn['from']!r}, expected {expected!r}")
-        message = turn["value"]
+    for i, message in enumerate(messages):
         if not message:
             continue
         if i == 0:
             message = f"<<SYS>>\n{system}\n<</SYS>>\n\n" + message
         out += f"<s>[INST] {message} [/INST]" if i % 2 == 0 else f" {message} </s>"
-    return out.lstrip("<s>")  # a character-set lstrip, as the original; "[" stops it
+    return out.lstrip("<s>")
+
+
+def llama_2_prompt(turns: list[dict[str, str]], system: str = " ") -> str:
+    """Training's LLaMA-2 prompt of a conversation of alternating turns (`llama_2_render`)."""
+    if turns and turns[0]["from"] != "human":
+        turns = turns[1:]  # "Skip the first one if it is not from human"
+    for i, turn in enumerate(turns):
+        expected = "human" if i % 2 == 0 else "gpt"
+        if turn["from"] != expected:
+            raise ValueError(f"llama_2 template: turn {i} is from {turn['from']!r}, expected {expected!r}")
+    return llama_2_render([turn["value"] for turn in turns], system)
+
+
+def caption_prompt_template(template: str) -> tuple[str, str]:
+    """(prompt template with one "{}", end symbol) that stage 2 wraps an image-caption sample's prompt in
+    (MiniGPT-4 style; the original's two stage-2 configs): Vicuna's "###Human: {} ###Assistant: " and "###", or
+    LLaMA-2's first turn (system " ") followed by a space, and "</s>"."""
+    if template == "vicuna":
+        return "###Human: {} ###Assistant: ", "###"
+    if template == "llama_2":
+        return llama_2_render(["{}"], " ") + " ", "</s>"
+    raise ValueError(f"unknown conversation template {template!r}: expected one of {TEMPLATES}")
 
 
 def llama_2_ids_and_labels(tokenizer, turns: list[dict[str, str]]) -> tuple[list[int], list[int]]:

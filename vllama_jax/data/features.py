@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from vllama_jax.data.pipeline import ProcessSlice
+from vllama_jax.data.pipeline import ProcessSlice, Repair, SkipReason
 
 FEATURE_KEYS = ("video_features", "audio_features")
 EXAMPLE_KEYS = ("frame_mask", "input_ids", "padding_mask", "labels", "repairs")  # the pipeline's, stored beside them
@@ -114,8 +114,8 @@ class _Decode(grain.transforms.Map):
             raise KeyError(f"feature record lacks {missing} (it holds {sorted(arrays)}): the cache was written for "
                            "another branch or by an older vllama-cache; rebuild it with vllama-cache for this config")
         example = {k: arrays[k].astype(np.float32) if k in FEATURE_KEYS else np.array(arrays[k]) for k in self.keys}
-        return {**example, "example_mask": np.bool_(True), "skip_reason": np.int32(0),
-                "repairs": np.int32(arrays["repairs"]) if "repairs" in arrays else np.int32(0)}
+        return {**example, "example_mask": np.bool_(True), "skip_reason": np.int32(SkipReason.NONE),
+                "repairs": np.int32(arrays["repairs"]) if "repairs" in arrays else np.int32(Repair.NONE)}
 
 
 def make_feature_dataset(shard_paths: Sequence[str], keys: Sequence[str], batch_size: int, *, seed: int = 42,

@@ -1,9 +1,5 @@
-"""`vllama-prepare`: annotation files + media folders -> ArrayRecord shards, a manifest and a rejects list.
-
-    vllama-prepare --format webvid --annotations results_2M_train.csv --media-root videos/ --out shards/webvid
-    vllama-prepare --format image_caption --annotations filter_cap.json --media-root cc_sbu_align/image --out …
-    vllama-prepare --format llava_instruct --annotations llava_instruct_150k.json --media-root coco/train2017 --out …
-    vllama-prepare --format videochat --annotations videochat_instruct_11k.json --media-root videos/ --out …
+"""Annotation files + media folders -> ArrayRecord shards, a manifest and a rejects list (`vllama-prepare`, whose
+command line is `prepare_main.py`).
 
 Shards are written in parallel (one task per shard), each to a temporary name and renamed when complete, with
 a per-shard summary written after it; a rerun skips every shard whose file and summary are both there, so a
@@ -12,14 +8,12 @@ silently. `manifest.json` lists every shard with its record count, size and SHA-
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -206,25 +200,3 @@ def shard_paths(out: str | Path) -> list[str]:
     if missing:
         raise FileNotFoundError(f"{out}/manifest.json lists missing shards: {missing[:3]}")
     return [str(p) for p in paths]
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="vllama-prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--annotations", required=True, type=Path, help="the CSV / json annotation file")
-    parser.add_argument("--media-root", required=True, type=Path, help="folder the annotation paths are relative to")
-    parser.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest")
-    parser.add_argument("--name", help="shard file prefix (default: the format)")
-    parser.add_argument("--records-per-shard", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args(argv)
-    manifest = prepare(
-        args.format, args.annotations, args.media_root, args.out,
-        name=args.name, records_per_shard=args.records_per_shard, workers=args.workers,
-    )
-    print(json.dumps({k: manifest[k] for k in ("name", "items", "records", "rejected")} | {"shards": len(manifest["shards"])}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

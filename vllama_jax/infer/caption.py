@@ -1,6 +1,6 @@
 """`vllama-caption`: caption (or ask one question about) every video in a folder or a vllama-prepare shard set.
 
-    vllama-caption --config configs/video_llama.py:tiny --ckpt runs/tiny --videos clips/ --out captions.jsonl
+    vllama-caption --config configs/tiny_shapes.py --ckpt runs/tiny --videos clips/ --out captions.jsonl
     vllama-caption --config ... --ckpt ... --shards data/eval --question "What is moving?" --out qa.jsonl
 
 Without --question the prompt is stage 1's ([BOS] + the soft tokens; the audio block first for audio-visual
@@ -28,7 +28,7 @@ from vllama_jax.infer.session import Session, decode_tokens, left_pad, load_sess
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/video_llama.py:tiny", "model / data / mesh config")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_shapes.py", "model / data / mesh config")
 _CKPT = flags.DEFINE_string("ckpt", None, "a vllama-train run directory (or a trainable-parameter checkpoint)")
 _VIDEOS = flags.DEFINE_string("videos", None, "a folder of videos to caption")
 _SHARDS = flags.DEFINE_string("shards", None, "a vllama-prepare output folder to caption")

@@ -1,6 +1,6 @@
 """`vllama-chat`: talk to a trained Video-LLaMA about a video (and its sound) or an image, in the terminal.
 
-    vllama-chat --config configs/video_llama.py:tiny --ckpt runs/tiny --video clip.mp4            # interactive
+    vllama-chat --config configs/tiny_shapes.py --ckpt runs/tiny --video clip.mp4            # interactive
     vllama-chat --config ... --ckpt ... --video clip.mp4 --audio --question "What do you hear?"   # one JSON answer
 
 Interactive mode streams the answer token by token; `/reset` starts the conversation again (same media),
@@ -26,9 +26,10 @@ from ml_collections import config_flags
 
 from vllama_jax.infer import chat_prompt
 from vllama_jax.infer.generate import DEMO, context_start
-from vllama_jax.infer.session import Session, audio_clips, decode_tokens, image_frames, load_session, video_frames
+from vllama_jax.data.media import audio_clips, image_frames, video_frames
+from vllama_jax.infer.session import Session, decode_tokens, load_session
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/video_llama.py:tiny", "model / data / mesh config")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_shapes.py", "model / data / mesh config")
 _CKPT = flags.DEFINE_string("ckpt", None, "a vllama-train run directory (or a trainable-parameter checkpoint)")
 _VIDEO = flags.DEFINE_string("video", None, "the video to talk about")
 _IMAGE = flags.DEFINE_string("image", None, "an image to talk about (instead of a video)")

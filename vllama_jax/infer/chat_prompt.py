@@ -39,13 +39,9 @@ class Conversation:
 
 def media_message(kind: str, seconds, with_audio: bool) -> str:
     """The first user message the demo's upload_video / upload_img writes (one placeholder per media block)."""
-    if kind == "image":
-        return f"<Image>{IMAGE_PLACEHOLDER}</Image> "
-    if with_audio:
+    if with_audio and kind != "image":
         return text.AUDIO_VIDEO_MESSAGE.format(audio=AUDIO_PLACEHOLDER, video=IMAGE_PLACEHOLDER)
-    times = ", ".join(str(round(t, 1)) for t in seconds or [])
-    frames = f"The video contains {len(seconds)} frames sampled at {times} seconds. " if seconds else ""
-    return f"<Video>{IMAGE_PLACEHOLDER}</Video> " + frames
+    return text.media_prefix(kind, 1, seconds or None)
 
 
 def new_conversation(template: str, kind: str, seconds, with_audio: bool) -> Conversation:
@@ -80,14 +76,7 @@ def render(conv: Conversation) -> str:
         for role, message in conv.messages:
             out += f"{role}: {message}###" if message else f"{role}:"
         return out
-    out = ""
-    for i, (role, message) in enumerate(conv.messages):
-        if not message:
-            continue
-        if i == 0:
-            message = f"<<SYS>>\n{conv.system}\n<</SYS>>\n\n" + message
-        out += f"<s>[INST] {message} [/INST]" if i % 2 == 0 else f" {message} </s>"
-    return out.lstrip("<s>")  # the original's str.lstrip (a character set); "[INST]" stops it at the first "["
+    return conversation.llama_2_render([message for _, message in conv.messages], conv.system)
 
 
 def segment_ids(tokenizer, prompt: str, counts: dict[str, int]) -> list[int]:

@@ -17,7 +17,6 @@ embeddings (`Chat.answer`): a long conversation loses its beginning, soft tokens
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -214,28 +213,29 @@ def generate(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: Gen
     return Generated(state["tokens"], state["lengths"], None, state["all_logits"] if return_logits else None)
 
 
-def stream(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: GenerationConfig, rng=None):
-    """The same decoding one token at a time for a terminal: yields each step's (B,) tokens as they come (pad
-    for rows that have stopped). Prefill and step are jitted once per shape; sampling and beams as `generate`
-    except that beam search does not stream (its best hypothesis is known only at the end)."""
+def make_stream(llm: LlamaForCausalLM, cfg: GenerationConfig):
+    """stream(params, prompt_embeds, prompt_mask, rng=None): the same decoding one token at a time for a terminal,
+    yielding each step's (B,) tokens as they come (pad for rows that have stopped). Prefill and step are jitted
+    once here (each compiles once per shape); keep the function to reuse them. Sampling as `generate`; beam search
+    does not stream (its best hypothesis is known only at the end)."""
     if cfg.num_beams > 1:
         raise ValueError("beam search cannot stream: use generate()")
-    prompt_embeds, prompt_mask, _ = truncate_prompt(prompt_embeds, prompt_mask, cfg)
-    state = _jitted_start(llm, cfg)(params, prompt_embeds, prompt_mask, rng)
-    step = _jitted_advance(llm, cfg)
-    while bool(unfinished(state, cfg)):
-        state = step(params, state)
-        yield state["tokens"][:, int(state["step"]) - 1]
+    prefill = jax.jit(lambda params, embeds, mask, rng: start(llm, params, embeds, mask, cfg, rng))
+    step = jax.jit(lambda params, state: advance(llm, params, state, cfg), donate_argnums=1)
+
+    def run(params, prompt_embeds, prompt_mask, rng=None):
+        prompt_embeds, prompt_mask, _ = truncate_prompt(prompt_embeds, prompt_mask, cfg)
+        state = prefill(params, prompt_embeds, prompt_mask, rng)
+        while bool(unfinished(state, cfg)):
+            state = step(params, state)
+            yield state["tokens"][:, int(state["step"]) - 1]
+
+    return run
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted_start(llm, cfg):
-    return jax.jit(lambda params, embeds, mask, rng: start(llm, params, embeds, mask, cfg, rng))
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_advance(llm, cfg):
-    return jax.jit(lambda params, state: advance(llm, params, state, cfg), donate_argnums=1)
+def stream(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: GenerationConfig, rng=None):
+    """`make_stream(llm, cfg)` run once (its jitted prefill and step are not kept)."""
+    yield from make_stream(llm, cfg)(params, prompt_embeds, prompt_mask, rng)
 
 
 def _reorder_cache(cache, rows, scanned: bool):

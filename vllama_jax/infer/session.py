@@ -16,18 +16,13 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vllama_jax import sharding
+from vllama_jax import sharded_model, sharding
 from vllama_jax.config import model_config
 from vllama_jax.constants import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
-from vllama_jax.data import audio, video
 from vllama_jax.data.tokenizer import load_tokenizer
-from vllama_jax.infer.generate import GenerationConfig, Generated, generate, stream, video_llama_prompt
+from vllama_jax.infer.generate import GenerationConfig, Generated, generate, make_stream, video_llama_prompt
 from vllama_jax.models.llama import LlamaForCausalLM
-from vllama_jax.models.video_llama import TRAINABLE, VideoLlama, init_params
-from vllama_jax.train.checkpoints import restore_params
-from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
-from vllama_jax.train.step import init_state, split_params
-from vllama_jax.train.trainer import restore_trainable, unboxed
+from vllama_jax.models.video_llama import VideoLlama
 
 
 @dataclasses.dataclass
@@ -38,6 +33,8 @@ class Session:
     tokenizer: object
     mesh: object
     rules: list
+    # this session's jitted functions, by what they were built for (each compiles once per input shape)
+    compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_frames(self) -> int:
@@ -61,26 +58,36 @@ class Session:
                  rng=None) -> Generated:
         """Answer a batch of left-padded prompts whose placeholders the media fill (numpy in, device arrays out)."""
         cfg = cfg or self.generation_config()
-        run = _compiled(self.model, cfg, frames is not None, audio is not None)
+        key = ("generate", cfg, frames is not None, audio is not None)
+        if key not in self.compiled:
+            model, llm = self.model, LlamaForCausalLM(self.model.config.llm)
+
+            def run(params, frames, audio_clips, input_ids, padding_mask, rng):
+                embeds, mask = video_llama_prompt(model, params, input_ids, padding_mask, frames, audio_clips, "audio")
+                return generate(llm, params["llama_model"], embeds, mask, cfg, rng)
+
+            self.compiled[key] = jax.jit(run)
         inputs = self._on_mesh(frames, audio, input_ids, padding_mask)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return run(self.params, *inputs, rng)
+            return self.compiled[key](self.params, *inputs, rng)
 
     def prompt_embeddings(self, input_ids, padding_mask, frames=None, audio=None):
         """The LLM's input embeddings for prompts whose placeholders the media fill (for `generate.stream`)."""
-        key = (self.model, "prompt", frames is not None, audio is not None)
-        if key not in _COMPILED:
+        key = ("prompt", frames is not None, audio is not None)
+        if key not in self.compiled:
             model = self.model
-            _COMPILED[key] = jax.jit(lambda p, f, a, i, m: video_llama_prompt(model, p, i, m, f, a))
+            self.compiled[key] = jax.jit(lambda p, f, a, i, m: video_llama_prompt(model, p, i, m, f, a))
         inputs = self._on_mesh(frames, audio, input_ids, padding_mask)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return _COMPILED[key](self.params, *inputs)
+            return self.compiled[key](self.params, *inputs)
 
     def stream(self, embeds, mask, cfg: GenerationConfig, rng=None):
-        """`generate.stream` on this session's LLM, under its mesh (yields each step's tokens)."""
-        llm = LlamaForCausalLM(self.model.config.llm)
+        """`generate.make_stream` on this session's LLM, under its mesh (yields each step's tokens)."""
+        key = ("stream", cfg)
+        if key not in self.compiled:
+            self.compiled[key] = make_stream(LlamaForCausalLM(self.model.config.llm), cfg)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            yield from stream(llm, self.params["llama_model"], embeds, mask, cfg, rng)
+            yield from self.compiled[key](self.params["llama_model"], embeds, mask, rng)
 
     def _on_mesh(self, *arrays):
         """Each array (or None) batch-sharded over (data, fsdp) when the batch divides, else replicated (a
@@ -102,22 +109,6 @@ def _axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-_COMPILED: dict = {}
-
-
-def _compiled(model: VideoLlama, cfg: GenerationConfig, with_frames: bool, with_audio: bool):
-    key = (model, cfg, with_frames, with_audio)
-    if key not in _COMPILED:
-        llm = LlamaForCausalLM(model.config.llm)
-
-        def run(params, frames, audio_clips, input_ids, padding_mask, rng):
-            embeds, mask = video_llama_prompt(model, params, input_ids, padding_mask, frames, audio_clips, "audio")
-            return generate(llm, params["llama_model"], embeds, mask, cfg, rng)
-
-        _COMPILED[key] = jax.jit(run)
-    return _COMPILED[key]
-
-
 def _ckpt_file(ckpt: Path | None, name: str) -> str:
     if ckpt is not None and (ckpt / name).exists():
         return str(ckpt / name)
@@ -135,82 +126,39 @@ def load_session(config, ckpt: str | None = None, log=print) -> Session:
     tokenizer = load_tokenizer(tokenizer_dir)
     model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
                                     audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER))
-    model = VideoLlama(model_cfg)
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = [tuple(r) for r in config.logical_axis_rules]
-    trainable_names = TRAINABLE[config.train.branch]
-    init = lambda: init_params(model, jax.random.PRNGKey(config.seed), frame_size=model_cfg.vision.image_size)  # noqa: E731
-    boxed = jax.eval_shape(init)
-    boxed_trainable, boxed_frozen = split_params(boxed, trainable_names)
-    frozen_shardings = sharding.mesh_shardings(boxed_frozen, mesh, rules)
-    trainable_shardings = sharding.mesh_shardings(boxed_trainable, mesh, rules)
+    sharded = sharded_model.from_config(config, model_cfg)
     frozen_dir = config.train.frozen_checkpoint or _ckpt_file(ckpt_dir, "frozen")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if frozen_dir:
-            frozen = restore_params(frozen_dir, unboxed(boxed_frozen), frozen_shardings)
-        else:
+    with sharded.on_mesh():
+        if not frozen_dir:
             log("frozen weights: random from the seed (no train.frozen_checkpoint and no <ckpt>/frozen)")
-            frozen = jax.jit(lambda: split_params(nn.unbox(init()), trainable_names)[1], out_shardings=frozen_shardings)()
+        frozen = sharded.load_frozen(frozen_dir, log=lambda *_: None)
         if ckpt_dir is not None:  # a run directory (its newest checkpoint) or a trainable-parameter checkpoint
-            optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
-            make_state = lambda t: init_state(t, optimizer, jax.random.PRNGKey(0))  # noqa: E731
-            abstract_state = jax.eval_shape(make_state, boxed_trainable)
-            state_shardings = sharding.mesh_shardings(abstract_state, mesh, rules)
             try:
-                trainable = restore_trainable(str(ckpt_dir), unboxed(abstract_state), state_shardings)
+                trainable = sharded.load_trainable(str(ckpt_dir))
             except (FileNotFoundError, ValueError) as err:
                 raise FileNotFoundError(f"--ckpt {ckpt_dir}: no trainable weights to read ({err})") from err
         else:
             log("trainable weights: random from the seed (no checkpoint given)")
-            trainable = jax.jit(lambda: split_params(nn.unbox(init()), trainable_names)[0],
-                                out_shardings=trainable_shardings)()
+            trainable = sharded.random(sharded.trainable_names)
     params = {**frozen, **trainable}
+    model = sharded.module
     if model_cfg.llm.scan_layers:  # decode with one cache per layer: a scanned cache is copied every token
         params["llama_model"] = unstack_decoder(params["llama_model"], model_cfg.llm.num_layers)
         model = VideoLlama(dataclasses.replace(model_cfg, llm=dataclasses.replace(model_cfg.llm, scan_layers=False)))
-    return Session(config, model, params, tokenizer, mesh, rules)
+    return Session(config, model, params, tokenizer, sharded.mesh, sharded.rules)
 
 
 def unstack_decoder(llm_params: dict, num_layers: int) -> dict:
     """Scanned LLaMA parameters (decoder/layers stacked on a leading axis) in the per-layer layout
     (decoder/layers_{i}); each slice keeps the sharding of its other axes. Decoding from the scanned layout
     moves the whole KV cache through the scan every token: for a 134 M-parameter LLaMA on this CPU, 74.5 against
-    156.8 tokens/s at batch 8 and 31.4 against 47.6 at batch 1 (`python -m vllama_jax.infer.benchmark --scan`
+    156.8 tokens/s at batch 8 and 31.4 against 47.6 at batch 1 (`python -m vllama_jax.bench.decode --scan`
     against the same without --scan)."""
     decoder = dict(llm_params["decoder"])
     stacked = decoder.pop("layers")
     for i in range(num_layers):
         decoder[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
     return {**llm_params, "decoder": decoder}
-
-
-# ---- media, as the original demo reads it ----
-
-def video_frames(path: str | Path, num_frames: int, image_size: int) -> tuple[np.ndarray, list[float]]:
-    """Uniformly sampled frames (T, S, S, 3), eval-normalised, and their times in seconds (for the prompt)."""
-    indices, real = video.sample_indices_padded(video.count_frames(path), num_frames, "uniform")
-    frames, fps = video.read_frames_seeking(str(path), indices, image_size)
-    return video.normalize(frames), [float(i) / (fps or 1.0) for i in indices[:real]]
-
-
-def image_frames(path: str | Path, image_size: int) -> np.ndarray:
-    """An image as a one-frame video (1, S, S, 3): the original encodes images with T = 1."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            pixels = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from err
-    return video.eval_transform(pixels[None], image_size)
-
-
-def audio_clips(path: str | Path, clips_per_video: int = 8) -> np.ndarray:
-    """The video's audio track as fbank clips (clips, 1, mel, frames); an error when it has none."""
-    clips, has_audio = audio.load_audio_clips(str(path), clips_per_video, name=str(path))
-    if not has_audio:
-        raise ValueError(f"{path}: no audio track to listen to (drop --audio)")
-    return clips
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

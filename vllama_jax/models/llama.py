@@ -42,6 +42,22 @@ class LlamaConfig:
         return self.hidden_size // self.num_heads
 
 
+# The LLMs Video-LLaMA and Video-LLaVA read (vocabulary 32000 for all; LLaMA-1-based Vicuna v0 uses RMSNorm eps
+# 1e-6, LLaMA-2 and Vicuna v1.5 1e-5), and the tiny one every CPU test and the CPU demo use.
+SIZES = {
+    "vicuna_7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+                             rms_norm_eps=1e-6),
+    "vicuna_13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40,
+                              rms_norm_eps=1e-6),
+    "llama2_7b_chat": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                                  num_kv_heads=32, rms_norm_eps=1e-5),
+    "llama2_13b_chat": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
+                                   num_kv_heads=40, rms_norm_eps=1e-5),
+    "tiny": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                        rms_norm_eps=1e-5),
+}
+
+
 def rotate_half(x):
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)

@@ -34,7 +34,6 @@ from vllama_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vllama_jax.models.qformer import QFormer, QFormerConfig
 
 
-
 @dataclasses.dataclass(frozen=True)
 class VideoLlamaConfig:
     vision: EvaVitConfig = EvaVitConfig()
@@ -83,10 +82,78 @@ class VideoLlamaConfig:
 # Top-level parameters trained in the vision stages (SPEC §3) and in the audio stages (§4); the rest is frozen.
 VISUAL_TRAINABLE = ("video_Qformer", "video_query_tokens", "video_frame_position_embedding", "llama_proj")
 AUDIO_TRAINABLE = ("audio_Qformer", "audio_query_tokens", "audio_position_embedding", "audio_llama_proj")
-TRAINABLE = {"visual": VISUAL_TRAINABLE, "audio": AUDIO_TRAINABLE, "audio_visual": VISUAL_TRAINABLE + AUDIO_TRAINABLE}
 # The frozen encoders whose outputs (`frame_features`, `audio_features`) the frozen-feature cache holds: a step
 # that reads cached features needs none of their weights.
 FROZEN_TOWERS = ("visual_encoder", "ln_vision", "Qformer", "audio_encoder")
+
+BRANCHES = ("visual", "audio", "audio_visual")
+AUDIO_SOURCES = ("frames", "fbank")
+
+
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """What a training stage trains and what its step reads (SPEC §3, §4): one record for the whole code base.
+
+    name: "visual" (the vision stages: frames to the visual branch), "audio" (the audio stages: the audio glue) or
+    "audio_visual" (the tiny demo's variant with sound: both, frames to the visual branch and fbank to the audio
+    one). audio_source: what the audio branch reads, "frames" (ImageBind's vision tower on the video frames, the
+    paper's way of training it without audio) or "fbank" (the clips' audio track, as at inference).
+    """
+
+    name: str = "visual"
+    audio_source: str = "frames"
+
+    def __post_init__(self):
+        if self.name not in BRANCHES or self.audio_source not in AUDIO_SOURCES:
+            raise ValueError(f"branch {self.name!r} / audio_source {self.audio_source!r}: expected one of {BRANCHES} / "
+                             f"{AUDIO_SOURCES}")
+        if self.name == "audio_visual" and self.audio_source != "fbank":
+            raise ValueError("branch 'audio_visual' reads the frames and the audio track: set data.audio_source='fbank'")
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        """The top-level parameter subtrees the stage trains."""
+        return {"visual": VISUAL_TRAINABLE, "audio": AUDIO_TRAINABLE,
+                "audio_visual": VISUAL_TRAINABLE + AUDIO_TRAINABLE}[self.name]
+
+    @property
+    def audio_modality(self) -> str:
+        """How the audio branch reads its input: "vision" (frames through ImageBind's vision tower) or "audio"."""
+        return "vision" if self.name == "audio" and self.audio_source == "frames" else "audio"
+
+    @property
+    def reads_audio_track(self) -> bool:
+        return "audio" in self.media_keys()
+
+    def media_keys(self, cached: bool = False) -> tuple[str, ...]:
+        """The batch's media arrays (or, when `cached`, the frozen towers' outputs, named as `VideoLlama`'s
+        arguments) the step reads, with `frame_mask` wherever frames feed a branch (an image's copies masked)."""
+        frames_to_audio = self.audio_modality == "vision"
+        if cached:
+            return {"visual": ("video_features", "frame_mask"),
+                    "audio": ("audio_features", "frame_mask") if frames_to_audio else ("audio_features",),
+                    "audio_visual": ("video_features", "frame_mask", "audio_features")}[self.name]
+        return {"visual": ("frames", "frame_mask"),
+                "audio": ("frames", "frame_mask") if frames_to_audio else ("audio",),
+                "audio_visual": ("frames", "frame_mask", "audio")}[self.name]
+
+    def batch_keys(self, cached: bool = False) -> tuple[str, ...]:
+        """Every batch array the train step reads: the media (or cached features) and the text."""
+        return (*self.media_keys(cached), "input_ids", "padding_mask", "labels")
+
+    def model_inputs(self, batch: dict, cached: bool = False) -> dict:
+        """Keyword arguments of `VideoLlama.encode` / `__call__` taken from a batch (of media, or of the frozen
+        towers' cached outputs when `cached`). A batch without `frame_mask` has every frame real."""
+        keys = self.media_keys(cached)
+        inputs = {"frames": None, "audio_modality": self.audio_modality,
+                  "frame_mask": batch.get("frame_mask") if "frame_mask" in keys else None}
+        if cached:
+            return {**inputs, **{k: batch[k] for k in keys if k != "frame_mask"}}
+        if self.name in ("visual", "audio_visual"):
+            inputs["frames"] = batch["frames"]
+        if self.name in ("audio", "audio_visual"):
+            inputs["audio"] = batch["frames"] if self.audio_modality == "vision" else batch["audio"]
+        return inputs
 
 
 def count_params(params: Any, subtrees: tuple[str, ...] | None = None) -> int:

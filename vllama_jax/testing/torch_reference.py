@@ -20,6 +20,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from vllama_jax.models.llama import SIZES
+
 
 def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
     """Random weights everywhere (norm scales around 1), so no parameter can be silently ignored."""
@@ -117,7 +119,11 @@ def qformer_state_dict(model: Blip2QFormerModel, prefix: str = "") -> dict:
 
 # ---- LLaMA ----
 
-def llama_lm(vocab=512, hidden=64, mlp=128, layers=2, heads=4, kv_heads=2, eps=1e-5, seed=0) -> LlamaForCausalLM:
+_TINY = SIZES["tiny"]
+
+
+def llama_lm(vocab=_TINY.vocab_size, hidden=_TINY.hidden_size, mlp=_TINY.intermediate_size, layers=_TINY.num_layers,
+             heads=_TINY.num_heads, kv_heads=_TINY.num_kv_heads, eps=_TINY.rms_norm_eps, seed=0) -> LlamaForCausalLM:
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=eps, tie_word_embeddings=False,

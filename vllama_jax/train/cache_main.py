@@ -1,4 +1,4 @@
-"""`vllama-cache --config configs/video_llama.py:<llm> --out DIR`: the frozen-feature cache of a config's shards
+"""`vllama-cache --config configs/video_llama.py:llm=<llm> --out DIR`: the frozen-feature cache of a config's shards
 (`vllama_jax.train.feature_cache`); train from it with `--config.data.feature_cache=DIR`."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ml_collections import config_flags
 from vllama_jax.train import distributed
 from vllama_jax.train.feature_cache import write_feature_cache
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/video_llama.py:tiny", "the training config the cache feeds")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_shapes.py", "the training config the cache feeds")
 _OUT = flags.DEFINE_string("out", None, "new folder for the cache's shards and manifest.json", required=True)
 _AUGMENT = flags.DEFINE_bool("augment", False, "freeze one training draw per clip (head-tail frames, random resized "
                              "crop) instead of the eval transform (uniform frames, resize)")

@@ -25,46 +25,23 @@ import json
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vllama_jax import sharding
-from vllama_jax.data.features import EXAMPLE_KEYS, FeatureShardWriter, encode, read_manifest
+from vllama_jax import sharded_model, sharding
+from vllama_jax.config import branch as config_branch
+from vllama_jax.data.features import EXAMPLE_KEYS, FeatureShardWriter, encode
 from vllama_jax.data.pipeline import make_single_pass, reason_counts
-from vllama_jax.data.prepare import shard_paths
 from vllama_jax.data.tokenizer import load_tokenizer
 from vllama_jax.models.video_llama import VideoLlama
-from vllama_jax.train.inputs import model_and_pipeline
-from vllama_jax.train.sharded import batch_shapes, build_sharded_step
-from vllama_jax.train.step import batch_keys, media_keys, model_inputs
-
-
-def cache_layout(config, model_cfg, pipeline_cfg) -> dict:
-    """What a cache must match to feed a config's step: branch, audio source and every array's shape."""
-    branch, audio_source = config.train.branch, config.data.audio_source
-    shapes = batch_shapes(model_cfg, 1, pipeline_cfg.num_frames, pipeline_cfg.text_length, pipeline_cfg.clips_per_video)
-    return {"branch": branch, "audio_source": audio_source,
-            "shapes": {k: list(shapes[k].shape[1:]) for k in batch_keys(branch, audio_source, cached=True)}}
+from vllama_jax.train.inputs import batch_shapes, cache_layout, model_and_pipeline, shards_of
 
 
 def reading_config(pipeline_cfg, augment: bool = False):
     """How the cache writer reads media: the eval transform (uniform frames, resize) or one training draw."""
     return dataclasses.replace(pipeline_cfg, train=augment, worker_count=0,
                                frame_sampling=pipeline_cfg.frame_sampling if augment else "uniform")
-
-
-def check_feature_cache(folders, config, pipeline_cfg) -> None:
-    """Refuse a cache written for another branch, audio source, frame count, text layout or model width."""
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    model_cfg, _ = model_and_pipeline(config, tokenizer)
-    want = cache_layout(config, model_cfg, pipeline_cfg)
-    for folder in folders:
-        have = read_manifest(folder.strip()).get("layout")
-        if have != want:
-            raise ValueError(f"feature cache {folder} was written for {json.dumps(have)}, but this config's step "
-                             f"reads {json.dumps(want)}: rebuild it with vllama-cache for this config")
 
 
 def write_feature_cache(config, out: str | Path, *, augment: bool = False, records_per_shard: int = 1000,
@@ -74,19 +51,18 @@ def write_feature_cache(config, out: str | Path, *, augment: bool = False, recor
     out = Path(out)
     tokenizer = load_tokenizer(config.data.tokenizer)
     model_cfg, pipeline_cfg = model_and_pipeline(config, tokenizer)
-    branch, audio_source = config.train.branch, config.data.audio_source
-    media = media_keys(branch, audio_source)
-    cached_keys = media_keys(branch, audio_source, cached=True)
-    shards = [path for folder in config.data.shards.split(",") for path in shard_paths(folder.strip())]
-    batches = make_single_pass(shards, reading_config(pipeline_cfg, augment), tokenizer)
+    branch = config_branch(config)
+    media, cached_keys = branch.media_keys(), branch.media_keys(cached=True)
+    batches = make_single_pass(shards_of(config.data.shards), reading_config(pipeline_cfg, augment), tokenizer)
 
-    # the end-to-end step's model, mesh and shardings (nothing is compiled for it here)
-    build = build_sharded_step(config, model_cfg, pipeline_cfg.text_length, cached=False)
-    model, mesh, rules = build.model, build.mesh, build.rules
-    in_shardings = {k: build.batch[k].sharding for k in media}
+    # the model on the config's mesh: the towers run sharded as in the end-to-end step
+    sharded = sharded_model.from_config(config, model_cfg)
+    model, mesh, rules = sharded.module, sharded.mesh, sharded.rules
+    shapes = batch_shapes(model_cfg, 1, pipeline_cfg.num_frames, pipeline_cfg.text_length, pipeline_cfg.clips_per_video)
+    in_shardings = {k: sharding.batch_sharding(mesh, len(shapes[k].shape), rules) for k in media}
 
     def towers(params, batch):
-        inputs = model_inputs(batch, branch, audio_source)
+        inputs = branch.model_inputs(batch)
         outputs = {}
         if "video_features" in cached_keys:
             outputs["video_features"] = model.apply({"params": params}, inputs["frames"], method=VideoLlama.frame_features)
@@ -96,17 +72,18 @@ def write_feature_cache(config, out: str | Path, *, augment: bool = False, recor
         return outputs
 
     index, count = jax.process_index(), jax.process_count()
-    layout = cache_layout(config, model_cfg, pipeline_cfg)
+    layout = cache_layout(branch, model_cfg, pipeline_cfg)
     writer = FeatureShardWriter(out, name=f"features-p{index:03d}", records_per_shard=records_per_shard,
                                 manifest_name=f"manifest-p{index:03d}.json" if count > 1 else "manifest.json",
                                 info={"config": config.name, "augment": augment, "layout": layout})
     skipped: dict[str, int] = {}
     started, written = time.perf_counter(), 0
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with sharded.on_mesh():
         # the towers and the small parameters `setup` declares (query tokens), which any method needs present;
         # not the LLM. The trainable glue is random from the seed: the towers' outputs do not depend on it.
-        towers_and_glue = tuple(k for k in build.frozen_names if k != "llama_model")
-        params = {**build.load_frozen(config.train.frozen_checkpoint, towers_and_glue, log), **build.initial_state().trainable}
+        towers_and_glue = tuple(k for k in sharded.frozen_names if k != "llama_model")
+        params = {**sharded.load_frozen(config.train.frozen_checkpoint, towers_and_glue, log),
+                  **sharded.random(sharded.trainable_names)}
         run = jax.jit(towers)
         for n, batch in enumerate(batches):
             arrays = {k: jax.make_array_from_process_local_data(in_shardings[k], batch[k]) for k in media}

@@ -15,20 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# dense bf16 FLOP/s per chip (TPU) or per GPU (SXM), from the vendors' spec sheets
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-}
-
+from vllama_jax import accelerators
 
 def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of one jitted size x size float32 matmul on the default device, best of `repeats`."""
@@ -47,9 +34,9 @@ def peak_flops(device, override: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number comes from)."""
     if override:
         return override, "config train.peak_flops"
-    for kind, flops in PEAK_FLOPS.items():
-        if device.device_kind.startswith(kind):
-            return flops, f"{kind} spec sheet (bf16 dense)"
+    known = accelerators.by_device_kind(device.device_kind)
+    if known is not None:
+        return known.peak_flops, f"{known.name} spec sheet (bf16 dense)"
     return measured_matmul_flops(), f"measured: 1024² float32 matmul on {device.device_kind}"
 
 
@@ -66,6 +53,41 @@ def step_cost(compiled) -> dict[str, float]:
                    temp_bytes=memory.temp_size_in_bytes, alias_bytes=memory.alias_size_in_bytes)
         out["peak_bytes"] = out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"] - out["alias_bytes"]
     return out
+
+
+def startup(step, cost: dict, peak: tuple[float, str], *, workdir: Path, global_batch: int, text_length: int,
+            log=print) -> list[str]:
+    """What a run states before its first step (process 0): devices and mesh, parameter and optimizer-state
+    sizes (frozen / trainable), how the largest arrays are sharded, per-device memory and FLOPs of the compiled
+    step; logged and written to `workdir/startup.json` (what `vllama-plan` predicts for the same config and mesh).
+    `step` is the run's `train.sharded.ShardedStep`."""
+    sizes = step.sizes()
+    devices = jax.devices()
+    lines = [
+        f"{jax.process_count()} process(es), {len(devices)} {devices[0].device_kind} device(s), mesh {dict(step.mesh.shape)}",
+        f"parameters: {sizes['trainable']:,} trainable ({sizes['trainable_bytes'] / 2**20:.1f} MiB), "
+        f"{sizes['frozen']:,} frozen ({sizes['frozen_bytes'] / 2**20:.1f} MiB)"
+        + (f"; not read by the step (cached features): {', '.join(sizes['not_read'])}" if sizes["not_read"] else ""),
+        f"optimizer state: {sizes['optimizer_bytes'] / 2**20:.1f} MiB, for the trainable parameters only",
+    ]
+    state, frozen, _ = step.abstract_arguments()
+    flat = jax.tree_util.tree_flatten_with_path({**state.trainable, **frozen})[0]
+    for path, leaf in sorted(flat, key=lambda kv: -int(np.prod(kv[1].shape)))[:4]:
+        lines.append(f"  sharding {jax.tree_util.keystr(path)} {tuple(leaf.shape)} {np.dtype(leaf.dtype).name}: "
+                     f"{leaf.sharding.spec}")
+    if "argument_bytes" in cost:
+        lines.append("per device: " + ", ".join(f"{k.removesuffix('_bytes')} {cost[k] / 2**20:.1f} MiB" for k in
+                                                ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+                                                 "peak_bytes")))
+    lines.append(f"step: {cost['flops'] / 1e9:.3f} GFLOP per device; peak {peak[0] / 1e12:.3g} TFLOP/s per device "
+                 f"({peak[1]})")
+    for line in lines:
+        log(line)
+    (workdir / "startup.json").write_text(json.dumps({
+        "mesh": dict(step.mesh.shape), "devices": [str(d) for d in devices], "global_batch": global_batch,
+        "text_length": text_length, "cost": cost, "peak_flops": peak[0], "sizes": sizes, "summary": lines},
+        indent=1) + "\n")
+    return lines
 
 
 class Reporter:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vllama_jax.models.video_llama import VideoLlama, causal_lm_loss
+from vllama_jax.models.video_llama import Branch, VideoLlama, causal_lm_loss
 from vllama_jax.train.optimizer import OptimizerConfig, lavis_warmup_cosine
 
 
@@ -27,61 +27,19 @@ class TrainState:
     skipped: jax.Array
 
 
-def split_params(params: dict, trainable_names: tuple[str, ...]) -> tuple[dict, dict]:
-    """(trainable, frozen) top-level subtrees of `params`; names must exist."""
-    missing = [n for n in trainable_names if n not in params]
-    if missing:
-        raise KeyError(f"trainable subtrees {missing} are not in the model (top level: {sorted(params)})")
-    trainable = {k: v for k, v in params.items() if k in trainable_names}
-    frozen = {k: v for k, v in params.items() if k not in trainable_names}
-    return trainable, frozen
+def video_llama_loss(model: VideoLlama, branch: Branch, cached: bool = False) -> Callable:
+    """Video-LLaMA's caption loss as a train step's `loss_fn(params, batch, dropout_rng) -> (loss, label tokens)`:
+    `branch` says which batch arrays feed which branch (`Branch.model_inputs`); `cached`: the batch holds the frozen
+    towers' outputs (the frozen-feature cache) instead of media."""
 
+    def loss_fn(params, batch, rng):
+        logits, _ = model.apply(
+            {"params": params}, input_ids=batch["input_ids"], padding_mask=batch["padding_mask"],
+            deterministic=False, rngs={"dropout": rng}, **branch.model_inputs(batch, cached),
+        )
+        return causal_lm_loss(logits, batch["labels"])
 
-# What each training branch reads from a batch (SPEC §3, §4): the visual stages feed the frames to the visual
-# branch; the audio stages feed them through ImageBind's vision tower to the audio branch ("frames", the paper's
-# way) or feed the clips' fbank to its audio tower ("fbank"); "audio_visual" (the tiny demo's variant with
-# sound) trains both branches, frames to the visual one and fbank to the audio one.
-BRANCHES = ("visual", "audio", "audio_visual")
-AUDIO_SOURCES = ("frames", "fbank")
-
-
-def model_inputs(batch: dict, branch: str, audio_source: str = "frames", cached: bool = False) -> dict:
-    """Keyword arguments of `VideoLlama.encode` / `__call__` for `branch`, taken from a batch (of media, or of
-    the frozen towers' cached outputs when `cached`). A batch without `frame_mask` has every frame real."""
-    keys = media_keys(branch, audio_source, cached)  # validates the pair
-    frames_to_audio = branch == "audio" and audio_source == "frames"
-    inputs = {"frames": None, "audio_modality": "vision" if frames_to_audio else "audio",
-              "frame_mask": batch.get("frame_mask") if "frame_mask" in keys else None}
-    if cached:
-        return {**inputs, **{k: batch[k] for k in keys if k != "frame_mask"}}
-    if branch in ("visual", "audio_visual"):
-        inputs["frames"] = batch["frames"]
-    if branch in ("audio", "audio_visual"):
-        inputs["audio"] = batch["frames"] if frames_to_audio else batch["audio"]
-    return inputs
-
-
-def media_keys(branch: str, audio_source: str = "frames", cached: bool = False) -> tuple[str, ...]:
-    """The batch's media arrays (or, when `cached`, the frozen towers' outputs, named as `VideoLlama`'s
-    arguments) a branch reads, with `frame_mask` wherever frames feed a branch (an image's copies masked)."""
-    if branch not in BRANCHES or audio_source not in AUDIO_SOURCES:
-        raise ValueError(f"branch {branch!r} / audio_source {audio_source!r}: expected {BRANCHES} / {AUDIO_SOURCES}")
-    if branch == "audio_visual" and audio_source != "fbank":
-        raise ValueError("branch 'audio_visual' reads the frames and the audio track: set data.audio_source='fbank'")
-    if cached:
-        return {"visual": ("video_features", "frame_mask"),
-                "audio": ("audio_features", "frame_mask") if audio_source == "frames" else ("audio_features",),
-                "audio_visual": ("video_features", "frame_mask", "audio_features")}[branch]
-    if branch == "visual":
-        return ("frames", "frame_mask")
-    if branch == "audio":
-        return ("audio",) if audio_source == "fbank" else ("frames", "frame_mask")
-    return ("frames", "frame_mask", "audio")
-
-
-def batch_keys(branch: str, audio_source: str = "frames", cached: bool = False) -> tuple[str, ...]:
-    """The batch arrays a train step reads."""
-    return (*media_keys(branch, audio_source, cached), "input_ids", "padding_mask", "labels")
+    return loss_fn
 
 
 def init_state(trainable, optimizer: optax.GradientTransformation, rng) -> TrainState:
@@ -102,23 +60,16 @@ def _set_learning_rate(opt_state, lr):
     return opt_state._replace(hyperparams=hyper)
 
 
-def make_train_step(model: VideoLlama, optimizer: optax.GradientTransformation, cfg: OptimizerConfig,
-                    branch: str = "visual", audio_source: str = "frames", cached: bool = False) -> Callable:
-    """train_step(state, frozen, batch) -> (state, metrics). `batch` arrays lead with the global batch; with
-    grad_accum = k it is split into k micro-batches (the original's accum_grad_iters), each a LAVIS iteration.
-    `branch` / `audio_source` say which inputs feed which branch (`model_inputs`); `cached`: the batch holds the
-    frozen towers' outputs (the frozen-feature cache) instead of media, and `frozen` need not hold the towers."""
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, cfg: OptimizerConfig) -> Callable:
+    """train_step(state, frozen, batch) -> (state, metrics). `loss_fn(params, batch, dropout_rng) -> (loss, label
+    tokens)` is the model family's loss (e.g. `video_llama_loss`) over every parameter, frozen and trainable. `batch`
+    arrays lead with the global batch; with grad_accum = k it is split into k micro-batches (the original's
+    accum_grad_iters), each a LAVIS iteration."""
     schedule = lavis_warmup_cosine(cfg)
     accum = cfg.grad_accum
 
     def micro_loss(trainable, frozen, micro, key):
-        inputs = model_inputs(micro, branch, audio_source, cached)
-        logits, _ = model.apply(
-            {"params": {**frozen, **trainable}},
-            input_ids=micro["input_ids"], padding_mask=micro["padding_mask"],
-            deterministic=False, rngs={"dropout": key}, **inputs,
-        )
-        return causal_lm_loss(logits, micro["labels"])
+        return loss_fn({**frozen, **trainable}, micro, key)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 

@@ -1,7 +1,7 @@
 """Decoding speed against transformers' PyTorch `generate`, same weights, same machine, same run.
 
-    python -m vllama_jax.infer.benchmark            # tiny and small LLaMA configs, batch 1 and 8
-    python -m vllama_jax.infer.benchmark --quick    # tiny only, fewer tokens (what the test runs)
+    python -m vllama_jax.bench.decode            # tiny and small LLaMA configs, batch 1 and 8
+    python -m vllama_jax.bench.decode --quick    # tiny only, fewer tokens (what the test runs)
 
 For each config: random LLaMA weights made in PyTorch and converted to ours; greedy decoding of `new_tokens`
 tokens after a `prompt`-token prompt with EOS switched off, so both generate exactly the same count; the
@@ -13,6 +13,7 @@ Timings on a shared machine are noisy: read the ratios, not the absolute numbers
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -23,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllama_jax.infer.generate import GenerationConfig, advance, start, unfinished
-from vllama_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from vllama_jax.models.llama import SIZES, LlamaConfig, LlamaForCausalLM
 
 CONFIGS = {
-    # hidden, mlp, layers, heads, kv heads, vocab
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512),
+    "tiny": SIZES["tiny"],
     # ~110 M parameters: LLaMA's vocabulary, a BERT-base-sized body
-    "small": dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=12, vocab_size=32000),
+    "small": LlamaConfig(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=12,
+                         vocab_size=32000),
 }
 
 
@@ -77,7 +78,7 @@ def _median_seconds(fn, repeats: int) -> tuple[float, object]:
 def measure(name: str, batch: int, prompt: int, new_tokens: int, repeats: int, scan: bool = False) -> dict:
     import torch
 
-    cfg = LlamaConfig(**CONFIGS[name], scan_layers=scan)
+    cfg = dataclasses.replace(CONFIGS[name], scan_layers=scan)
     hf = torch_llama(cfg)
     params = converted_params(hf, cfg)
     model = LlamaForCausalLM(cfg)

@@ -1,5 +1,6 @@
-"""The tiny default run, which needs no downloads: its own data, tokenizer and frozen LLM, made in the work
-directory on first use and reused afterwards.
+"""The CPU demo's world (`data.source = "shapes_world"`, configs/tiny_shapes.py), which needs no downloads: its
+own data, tokenizer and frozen LLM, made in the work directory on first use and reused afterwards. `vllama-train`
+calls `prepare` before training when the config names this source.
 
 1. Captioned mp4 clips of coloured shapes in motion, a training set and a held-out set, as ArrayRecord shards
    (`vllama_jax.data.synthetic.shapes_world`), and a BPE tokenizer trained on the caption text.
@@ -20,15 +21,17 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vllama_jax.config import model_config
+from vllama_jax.checkpoints import save_params
+from vllama_jax.config import branch, model_config
 from vllama_jax.constants import IMAGE_PLACEHOLDER
-from vllama_jax.data.synthetic import (ATTRIBUTES, SOUND_ATTRIBUTES, attribute_context, parse_caption,
-                                       shapes_world)
+from vllama_jax.data.synthetic import ATTRIBUTES, SOUND_ATTRIBUTES, attribute_context, parse_caption, shapes_world
 from vllama_jax.data.tokenizer import load_tokenizer
-from vllama_jax.models.video_llama import TRAINABLE, VideoLlama, init_params
-from vllama_jax.train.checkpoints import save_params
+from vllama_jax.models.video_llama import VideoLlama, init_params
+from vllama_jax.sharded_model import split_params
 from vllama_jax.train.pretrain_llm import pretrain_llm, text_examples
-from vllama_jax.train.step import split_params
+
+SOURCE = "shapes_world"  # the config's data.source that asks for this world
+
 
 def chance(sounds: bool = False) -> dict[str, float]:
     """Accuracy of a uniform guess per scored attribute (colour, shape, motion; pitch and rhythm with sounds)."""
@@ -41,14 +44,15 @@ def _captions(annotations: Path) -> list[str]:
         return [row["name"] for row in csv.DictReader(f)]
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: Path, log=print) -> ml_collections.ConfigDict:
-    """Make (or find) the tiny default's data, tokenizer and frozen checkpoint in `workdir`; returns a copy of
-    `config` pointing at them. Process 0 writes the media; every process runs the (deterministic) LLM
-    pretraining so that all take part in the checkpoint save."""
-    if "llm_pretraining" not in config:
-        raise ValueError("data.shards is empty and this config has no built-in data: only the tiny config makes "
-                         "its own clips; point data.shards at a vllama-prepare output and data.tokenizer at a tokenizer")
-    config = ml_collections.ConfigDict(config.to_dict())
+def prepare(config: ml_collections.ConfigDict, workdir: str | Path, log=print) -> ml_collections.ConfigDict:
+    """Make (or find) the world's data, tokenizer and frozen checkpoint in `workdir`; returns a copy of `config`
+    pointing at them (`data.shards`, `data.eval_shards`, `data.tokenizer`, `train.frozen_checkpoint`). Process 0
+    writes the media; every process runs the (deterministic) LLM pretraining so that all take part in the
+    checkpoint save."""
+    if config.data.get("source") != SOURCE or "llm_pretraining" not in config:
+        raise ValueError(f"{config.name}: not a {SOURCE} config (data.source = {SOURCE!r} and an llm_pretraining "
+                         "section, as configs/tiny_shapes.py has)")
+    config, workdir = ml_collections.ConfigDict(config.to_dict()), Path(workdir)
     sizes = dict(num_train=config.data.synthetic_clips, num_eval=config.data.synthetic_eval_clips,
                  vocab_size=config.model.llm.vocab_size, seed=config.seed, sounds=config.data.synthetic_sounds)
     if jax.process_index() == 0:
@@ -58,7 +62,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, log=print) -> ml_c
     config.data.shards = str(workdir / "data" / "train")
     config.data.eval_shards = str(workdir / "data" / "eval")
     config.data.tokenizer = str(paths["tokenizer"])
-    config.eval.score = "shape_attributes"
     frozen_dir = workdir / "frozen"
     config.train.frozen_checkpoint = str(frozen_dir)
     if frozen_dir.exists():
@@ -77,11 +80,21 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, log=print) -> ml_c
     # the rest of the frozen model: random towers from the seed, as the trainer would make them
     model = VideoLlama(dataclasses.replace(model_cfg, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)))
     params = jax.jit(lambda: nn.unbox(init_params(model, jax.random.PRNGKey(config.seed))))()
-    frozen = split_params(params, TRAINABLE[config.train.branch])[1]
+    frozen = split_params(params, branch(config).trainable)[1]
     frozen["llama_model"] = jax.tree_util.tree_map(lambda new, old: np.asarray(new, old.dtype), llm_params, frozen["llama_model"])
     save_params(frozen_dir, frozen)
     log(f"frozen weights written to {frozen_dir} (LLM text loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f})")
     return config
+
+
+def score(generated: list[str], reference: list[str], config, log=print) -> dict:
+    """Held-out evaluation's scores for this world (`eval.score = "shape_attributes"`): accuracy per attribute
+    and chance, logged in one line."""
+    sounds = config.data.synthetic_sounds
+    result = {"attribute_accuracy": attribute_accuracy(generated, reference, sounds), "chance": chance(sounds)}
+    log("held-out caption accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result["attribute_accuracy"].items())
+        + " (chance: " + ", ".join(f"{k} {v:.0%}" for k, v in result["chance"].items()) + ")")
+    return result
 
 
 def attribute_accuracy(predicted: list[str], truth: list[str], sounds: bool = False) -> dict[str, float]:

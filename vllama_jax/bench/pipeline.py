@@ -1,6 +1,6 @@
 """Decode + preprocess throughput of the pipeline's video path against decoding every frame.
 
-    python -m vllama_jax.data.bench [--clips 4] [--seconds 12] [--repeats 3] [--out FILE]
+    python -m vllama_jax.bench.pipeline [--clips 4] [--seconds 12] [--repeats 3] [--out FILE]
 
 Both arms run in this one process, one clip at a time, on the same generated clips (25 fps, 320x240, a 2-s
 keyframe interval as web video has, an AAC tone track) and include the same audio call
