@@ -328,7 +328,7 @@ def test_a_failed_import_write_leaves_no_partial_output(repo_root, files, tmp_pa
 
 def test_a_failed_export_write_leaves_no_partial_output(repo_root, files, imported, tmp_path, monkeypatch):
     """The original-layout writer and the Hugging Face writer remove their `.partial` output when writing fails."""
-    from vllama_jax.convert.checkpoint import save_hf_llama
+    from vllama_jax.convert.torch_io import save_hf_llama
 
     _, _, _, cfg = files
     checkpoint, _ = imported

@@ -25,7 +25,7 @@ import numpy as np
 
 from vllama_jax.config import load_config, model_config
 from vllama_jax.convert import sources as src
-from vllama_jax.convert.checkpoint import (
+from vllama_jax.convert.torch_io import (
     export_state_dict_subset,
     plan_import,
     save_hf_llama,
