@@ -5,7 +5,7 @@
 Writes a Hugging Face Llama folder (float16 safetensors shards with an index; LLaMA-shaped, sized to
 `--gigabytes`), imports it with the CLI in a child process (the LLM only, scanned layers, so the largest output
 array is one stacked weight), and prints the child's peak RSS, the same CLI's RSS after its imports alone
-(`--dry-run`: it plans everything but reads no array), the largest shard and the largest output array. Checks a few converted tensors against the source.
+(`--dry_run`: it plans everything but reads no array), the largest shard and the largest output array. Checks a few converted tensors against the source.
 """
 from __future__ import annotations
 
@@ -109,9 +109,9 @@ def main(argv=None) -> dict:
     repo_config = Path(__file__).resolve().parents[2] / "configs" / "video_llama.py"
     config.write_text(CONFIG.format(base=str(repo_config), llm=repr(llm)))
 
-    command = ["vllama-convert", "import", f"--config={config}:x", "--part", "llama_model",
-               "--source", str(workdir / "llama"), "--out", str(workdir / "orbax")]
-    baseline, _ = child_peak_rss([*command, "--dry-run"])  # everything but reading and writing the arrays
+    command = ["vllama-convert", "import", f"--config={config}:x", "--part=llama_model",
+               f"--source={workdir / 'llama'}", f"--out={workdir / 'orbax'}"]
+    baseline, _ = child_peak_rss([*command, "--dry_run"])  # everything but reading and writing the arrays
     peak, result = child_peak_rss(command)
     if result.returncode != 0:
         raise SystemExit(f"import failed:\n{result.stderr[-3000:]}")
