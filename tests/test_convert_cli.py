@@ -289,10 +289,10 @@ def test_trainable_part_starts_a_run(repo_root, files, tmp_path):
 def test_import_memory_is_bounded_by_one_shard_and_one_array(tmp_path):
     """A sharded Llama checkpoint (synthetic, ~0.45 GB in 5 safetensors shards) imported by the CLI in a child
     process: its peak RSS above a dry run of the same command stays within one source shard plus one output
-    array (plus 128 MiB of fixed buffers). `python -m vllama_jax.convert.memory_check` runs it at 2 GB."""
-    from vllama_jax.convert import memory_check
+    array (plus 128 MiB of fixed buffers). `python -m vllama_jax.bench.convert_memory` runs it at 2 GB."""
+    from vllama_jax.bench import convert_memory
 
-    report = memory_check.main(["--gigabytes", "0.4", "--shard-megabytes", "100", "--workdir", str(tmp_path)])
+    report = convert_memory.measure(gigabytes=0.4, shard_megabytes=100, workdir=tmp_path)
     assert report["values_match"] and report["shards"] >= 4
     bound = report["largest_shard_bytes"] + report["largest_output_array_bytes"] + 128 * 2**20
     assert report["peak_minus_dry_run_bytes"] <= bound, report
