@@ -41,7 +41,7 @@ from vllama_jax.convert.torch_io import (
     write_import,
 )
 from vllama_jax.convert.video_llama import UNUSED_KEYS, scanned_subtrees, unscanned_abstract, video_llama_rules
-from vllama_jax.models.video_llama import AUDIO_TRAINABLE, VISUAL_TRAINABLE, VideoLlama, init_params
+from vllama_jax.models.video_llama import AUDIO_TRAINABLE, VISUAL_TRAINABLE, VideoLlama, VideoLlamaConfig, init_params
 
 AUDIO_KEYS = (r"audio_.*",)
 TRAINABLE_NAMES = VISUAL_TRAINABLE + AUDIO_TRAINABLE  # what the original's `ckpt` / `ckpt_2` files hold
@@ -81,8 +81,8 @@ def part_filter(part: str):
     return lambda path: path.split("/")[0] in names
 
 
-def run_import(model_cfg, *, source_paths: Sequence[str], out: str, part: str = "all", dtype: str | None = None,
-               dry_run: bool = False, drop_audio: bool = False) -> int:
+def run_import(model_cfg: VideoLlamaConfig, *, source_paths: Sequence[str], out: str, part: str = "all",
+               dtype: str | None = None, dry_run: bool = False, drop_audio: bool = False) -> int:
     """Plan the import of `source_paths` (later ones win key by key) into `model_cfg`'s parameters that `part`
     selects, print what comes from where, and write it to `out` unless `dry_run`."""
     scanned = scanned_subtrees(model_cfg)
@@ -140,8 +140,8 @@ def read_params(paths: list[str]) -> dict:
     return merged
 
 
-def run_export(model_cfg, *, param_paths: Sequence[str], out: str, out_format: str = "video_llama",
-               trainable_only: bool = False) -> int:
+def run_export(model_cfg: VideoLlamaConfig, *, param_paths: Sequence[str], out: str,
+               out_format: str = "video_llama", trainable_only: bool = False) -> int:
     """Merge `param_paths` (later ones win) and write them as the original `{'model': state_dict}` .pth
     (`out_format="video_llama"`) or a Hugging Face Llama folder of the LLM (`out_format="hf_llama"`)."""
     params = read_params(param_paths)
@@ -174,7 +174,7 @@ def run_export(model_cfg, *, param_paths: Sequence[str], out: str, out_format: s
 def _import_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string("source", None, "a .pth / .safetensors file or a Hugging Face Llama folder; later "
                               "sources win key by key", flag_values=fv)
-    flags.DEFINE_string("out", None, "the orbax directory to write (must not exist)", flag_values=fv)
+    flags.DEFINE_string("out", None, "the orbax directory to write, which must not exist", flag_values=fv)
     flags.DEFINE_string("part", "all", "all | frozen | trainable | top-level names, comma-separated "
                         "(e.g. llama_model)", flag_values=fv)
     flags.DEFINE_string("dtype", None, "cast every array (e.g. bfloat16); default: keep each source's dtype",
@@ -190,13 +190,13 @@ def _export_flags(fv: flags.FlagValues) -> None:
                               "ones win", flag_values=fv)
     flags.DEFINE_enum("format", "video_llama", ["video_llama", "hf_llama"], "the original {'model': state_dict} "
                       ".pth, or a Hugging Face Llama folder of the LLM", flag_values=fv)
-    flags.DEFINE_string("out", None, "the file (video_llama) or folder (hf_llama) to write (must not exist)",
+    flags.DEFINE_string("out", None, "the file (video_llama) or folder (hf_llama) to write, which must not exist",
                         flag_values=fv)
     flags.DEFINE_bool("trainable_only", False, "only the trainable subtrees (what the original demo loads as "
                       "`ckpt`)", flag_values=fv)
 
 
-def flag_model_config(fv: flags.FlagValues):
+def flag_model_config(fv: flags.FlagValues) -> VideoLlamaConfig:
     """The model config that `--config` and its overrides describe. config_flags keeps a file that failed to
     load until its first use: that failure is reported here, as a missing file."""
     try:
@@ -280,7 +280,8 @@ def _failed(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; `argv` is the command line without the program name (default: sys.argv[1:]), e.g.
     ["import", "--config=configs/video_llama.py:tiny", "--source=branch.pth", "--out=ckpt"]. Returns the exit
-    status: 0, or 2 with a one-line `vllama-convert: …` message on stderr and nothing written."""
+    status: 0, or 2 with a `vllama-convert: …` message on stderr and nothing written (a failure while writing
+    is re-raised after the partial output is removed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     helps = ("--help", "-h")
     if argv and argv[0] in helps:
