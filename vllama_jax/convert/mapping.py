@@ -1,8 +1,9 @@
 """The mechanics of moving weights between a PyTorch state dict (original key names) and our parameter tree.
 
 A mapping is a list of `Rule`s, plain data: one original key, one parameter path (or several, for a packed
-tensor), and how the array changes layout. Component modules (`eva_vit.py`, `qformer.py`, `llama.py`) build
-their lists from per-layer tables; `video_llama.py` composes them under the original prefixes.
+tensor), and how the array changes layout (the name of a `Transform` row in `TRANSFORMS`, or of a packed q/k/v
+split in `SPLITS`). Component modules (`eva_vit.py`, `qformer.py`, `llama.py`) build their lists from per-layer
+tables; `video_llama.py` composes them under the original prefixes.
 
 Conversion always goes through the unscanned layout (`blocks_0`, `blocks_1`, …); `stack_numbered` /
 `unstack_numbered` move between that and a scanned layout (one `blocks` subtree with a leading layer axis).
