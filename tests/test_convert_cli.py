@@ -17,13 +17,14 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from vllama_jax.testing.torch_reference import TorchVideoLlama
-from test_trainer import environment
 from vllama_jax.config import model_config
 from vllama_jax.convert import sources as src
 from vllama_jax.convert.mapping import flatten
 from vllama_jax.convert.video_llama import UNUSED_KEYS, export_state_dict, scanned_subtrees, video_llama_rules
 from vllama_jax.models.video_llama import VideoLlama
+from vllama_jax.testing.torch_reference import TorchVideoLlama
+
+from test_trainer import environment
 
 CONFIG = "--config=configs/video_llama.py:tiny"
 IMAGE_TOKEN = 512
@@ -91,7 +92,8 @@ def files(tmp_path_factory, tiny_config):
             p.copy_(p.half().float())
     state = torch_model.original_state_dict()
     root = tmp_path_factory.mktemp("torch_files")
-    eva = {k.removeprefix("visual_encoder."): v.astype(np.float16) for k, v in state.items() if k.startswith("visual_encoder.")}
+    eva = {k.removeprefix("visual_encoder."): v.astype(np.float16)
+           for k, v in state.items() if k.startswith("visual_encoder.")}
     eva["norm.weight"] = np.ones(48, np.float16)  # in the file, skipped by the original's strict=False load
     torch.save(as_torch(eva), root / "eva_vit_g.pth")
     blip2 = {k: v for k, v in state.items() if k.startswith(("Qformer.", "query_tokens", "ln_vision."))}
@@ -155,7 +157,7 @@ def test_export_gives_back_the_original_tensors_bit_for_bit(repo_root, files, im
         got = exported[key].numpy()
         assert got.dtype == want.dtype and np.array_equal(got, want), key
     # the original demo's `ckpt`: the trainable parts only
-    result = convert(repo_root, "export", CONFIG, "--params", out, "--trainable-only", "--out", tmp_path / "ckpt.pth")
+    result = convert(repo_root, "export", CONFIG, "--params", out, "--trainable_only", "--out", tmp_path / "ckpt.pth")
     trainable = torch.load(tmp_path / "ckpt.pth", weights_only=True)["model"]
     assert sorted(trainable) == sorted(k for k in kept if k.startswith(BRANCH))
     assert sorted(progress_keys(result.stdout)) == sorted(trainable)
@@ -192,7 +194,8 @@ def test_refusals_name_the_problem_and_write_nothing(repo_root, files, tmp_path)
     branch = torch.load(root / "video_llama_branch.pth", weights_only=True)
     branch["model"]["llama_proj.weight"] = branch["model"]["llama_proj.weight"].T.contiguous()
     torch.save(branch, tmp_path / "transposed.pth")
-    assert re.search(r"llama_proj.weight in .*transposed.pth: shape \(32, 64\), expected \(64, 32\)", refused(good[:3] + [tmp_path / "transposed.pth"]))
+    assert re.search(r"llama_proj.weight in .*transposed.pth: shape \(32, 64\), expected \(64, 32\)",
+                     refused(good[:3] + [tmp_path / "transposed.pth"]))
     # a truncated shard
     broken = tmp_path / "llama-broken"
     __import__("shutil").copytree(root / "llama-hf", broken)
@@ -209,7 +212,8 @@ def frozen_import(repo_root, files, tmp_path_factory):
     _, _, root, _ = files
     out = tmp_path_factory.mktemp("orbax") / "frozen"
     convert(repo_root, "import", CONFIG, "--part", "frozen", "--dtype", "float32", "--out", out,
-            "--source", root / "eva_vit_g.pth", "--source", root / "blip2_pretrained.pth", "--source", root / "llama-hf")
+            "--source", root / "eva_vit_g.pth", "--source", root / "blip2_pretrained.pth",
+            "--source", root / "llama-hf")
     return out
 
 
@@ -239,20 +243,24 @@ def test_frozen_part_restores_onto_an_fsdp_mesh_shard_by_shard(files, frozen_imp
 
     _, state, _, cfg = files
     mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-    boxed = split_params(jax.eval_shape(lambda: init_params(VideoLlama(cfg), jax.random.PRNGKey(0))), VISUAL_TRAINABLE)[1]
+    abstract = jax.eval_shape(lambda: init_params(VideoLlama(cfg), jax.random.PRNGKey(0)))
+    boxed = split_params(abstract, VISUAL_TRAINABLE)[1]
     shardings = mesh_shardings(boxed, mesh)
     frozen = restore_params(frozen_import, nn.unbox(boxed), shardings)
     split = 0
-    for (path, array), sharding in zip(jax.tree_util.tree_flatten_with_path(frozen)[0], jax.tree_util.tree_leaves(shardings)):
+    leaves = jax.tree_util.tree_flatten_with_path(frozen)[0]
+    for (path, array), sharding in zip(leaves, jax.tree_util.tree_leaves(shardings)):
         name = jax.tree_util.keystr(path)
         shard_shape = sharding.shard_shape(array.shape)
         assert array.sharding == sharding, name
-        assert len(array.addressable_shards) == 8 and {s.data.shape for s in array.addressable_shards} == {shard_shape}, name
+        assert len(array.addressable_shards) == 8, name
+        assert {s.data.shape for s in array.addressable_shards} == {shard_shape}, name
         split += shard_shape != array.shape
     assert split >= 10  # the fsdp axis really divides the weights (embed, encoder_embed)
     assert frozen["llama_model"]["embed_tokens"]["embedding"].addressable_shards[0].data.shape == (512, 8)
     rules = [r for r in video_llama_rules(cfg) if r.targets[0].split("/")[0] in frozen]
-    exported = export_state_dict(jax.tree_util.tree_map(np.asarray, frozen), rules, [p for p, _ in scanned_subtrees(cfg)])
+    exported = export_state_dict(jax.tree_util.tree_map(np.asarray, frozen), rules,
+                                 [p for p, _ in scanned_subtrees(cfg)])
     kept = [k for k in state if not k.startswith(BRANCH) and not any(re.fullmatch(p, k) for p in UNUSED_KEYS)]
     assert sorted(exported) == sorted(kept)
     for key in kept:
@@ -269,9 +277,11 @@ def test_trainable_part_starts_a_run(repo_root, files, tmp_path):
     from vllama_jax.train.trainer import restore_trainable
 
     _, state, root, cfg = files
-    convert(repo_root, "import", CONFIG, "--part", "trainable", "--out", tmp_path / "branch", "--source", root / "video_llama_branch.pth")
+    convert(repo_root, "import", CONFIG, "--part", "trainable", "--out", tmp_path / "branch",
+            "--source", root / "video_llama_branch.pth")
     abstract = split_params(abstract_params(cfg), VISUAL_TRAINABLE)[0]
-    trainable = restore_trainable(str(tmp_path / "branch"), SimpleNamespace(trainable=abstract), SimpleNamespace(trainable=None))
+    trainable = restore_trainable(str(tmp_path / "branch"), SimpleNamespace(trainable=abstract),
+                                  SimpleNamespace(trainable=None))
     np.testing.assert_array_equal(trainable["llama_proj"]["kernel"], state["llama_proj.weight"].T)
     np.testing.assert_array_equal(trainable["video_query_tokens"], state["video_query_tokens"])
 
@@ -279,10 +289,10 @@ def test_trainable_part_starts_a_run(repo_root, files, tmp_path):
 def test_import_memory_is_bounded_by_one_shard_and_one_array(tmp_path):
     """A sharded Llama checkpoint (synthetic, ~0.45 GB in 5 safetensors shards) imported by the CLI in a child
     process: its peak RSS above a dry run of the same command stays within one source shard plus one output
-    array (plus 128 MiB of fixed buffers). `python -m vllama_jax.convert.memory_check` runs it at 2 GB."""
-    from vllama_jax.convert import memory_check
+    array (plus 128 MiB of fixed buffers). `python -m vllama_jax.bench.convert_memory` runs it at 2 GB."""
+    from vllama_jax.bench import convert_memory
 
-    report = memory_check.main(["--gigabytes", "0.4", "--shard-megabytes", "100", "--workdir", str(tmp_path)])
+    report = convert_memory.measure(gigabytes=0.4, shard_megabytes=100, workdir=tmp_path)
     assert report["values_match"] and report["shards"] >= 4
     bound = report["largest_shard_bytes"] + report["largest_output_array_bytes"] + 128 * 2**20
     assert report["peak_minus_dry_run_bytes"] <= bound, report
@@ -296,7 +306,8 @@ def test_a_source_of_another_dtype_kind_is_refused(repo_root, files, tmp_path):
     branch = torch.load(root / "video_llama_branch.pth", weights_only=True)
     branch["model"]["llama_proj.bias"] = torch.arange(64, dtype=torch.int64)
     torch.save(branch, tmp_path / "int_bias.pth")
-    message = f"llama_proj.bias in {tmp_path / 'int_bias.pth'}: dtype int64, but llama_proj/bias is a floating parameter (float32)"
+    message = (f"llama_proj.bias in {tmp_path / 'int_bias.pth'}: dtype int64, but llama_proj/bias is a floating "
+               "parameter (float32)")
     assert message in refused_import(repo_root, tmp_path, frozen_sources + [tmp_path / "int_bias.pth"])
     out = tmp_path / "cast"
     code, _, stderr = convert_here(repo_root, "import", CONFIG, "--part", "trainable", "--dtype", "float32",
@@ -322,13 +333,14 @@ def test_a_failed_import_write_leaves_no_partial_output(repo_root, files, tmp_pa
     monkeypatch.setattr(src.Tensor, "load", failing_load)
     out = tmp_path / "branch"
     with pytest.raises(OSError, match="simulated read error"):
-        convert_here(repo_root, "import", CONFIG, "--part", "trainable", "--out", out, "--source", root / "video_llama_branch.pth")
+        convert_here(repo_root, "import", CONFIG, "--part", "trainable", "--out", out,
+                     "--source", root / "video_llama_branch.pth")
     assert len(calls) == 3 and not out.exists() and leftovers(out) == []
 
 
 def test_a_failed_export_write_leaves_no_partial_output(repo_root, files, imported, tmp_path, monkeypatch):
     """The original-layout writer and the Hugging Face writer remove their `.partial` output when writing fails."""
-    from vllama_jax.convert.checkpoint import save_hf_llama
+    from vllama_jax.convert.torch_io import save_hf_llama
 
     _, _, _, cfg = files
     checkpoint, _ = imported
@@ -368,7 +380,8 @@ def test_later_sources_override_earlier_ones_key_by_key(repo_root, files, tmp_pa
     _, state, root, _ = files
     branch, proj = root / "video_llama_branch.pth", tmp_path / "pretrained_minigpt4.pth"
     rng = np.random.default_rng(1)
-    proj_state = {k: rng.standard_normal(state[k].shape).astype(np.float32) for k in ("llama_proj.weight", "llama_proj.bias")}
+    proj_state = {k: rng.standard_normal(state[k].shape).astype(np.float32)
+                  for k in ("llama_proj.weight", "llama_proj.bias")}
     torch.save({"model": as_torch(proj_state)}, proj)
     for order, proj_wins in (((branch, proj), True), ((proj, branch), False)):
         out = tmp_path / f"proj_{'last' if proj_wins else 'first'}"
@@ -384,7 +397,8 @@ def test_later_sources_override_earlier_ones_key_by_key(repo_root, files, tmp_pa
         np.testing.assert_array_equal(params["llama_proj"]["bias"], want["llama_proj.bias"])
         assert {f for k, f in origin.items() if not k.startswith("llama_proj/")} == {str(branch)}
         np.testing.assert_array_equal(params["video_query_tokens"], state["video_query_tokens"])
-        assert re.search(rf"llama_proj .*<- {proj.name if proj_wins else branch.name}$", result.stdout, re.M), result.stdout
+        winner = proj.name if proj_wins else branch.name
+        assert re.search(rf"llama_proj .*<- {winner}$", result.stdout, re.M), result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -415,7 +429,8 @@ def test_sharded_pytorch_bin_llama_folder_imports_value_for_value(repo_root, fil
     result = convert(repo_root, "import", CONFIG, "--part", "llama_model", "--out", out, "--source", folder)
     assert f"source {folder}: hf_llama, {len(hf_state)} tensors in 3 file(s)" in result.stdout
     origin = json.loads(out.with_name(out.name + ".sources.json").read_text())["parameters"]
-    assert re.fullmatch(rf"{re.escape(str(folder))}/pytorch_model-0000\d-of-00003.bin", origin["llama_model/lm_head/kernel"])
+    assert re.fullmatch(rf"{re.escape(str(folder))}/pytorch_model-0000\d-of-00003.bin",
+                        origin["llama_model/lm_head/kernel"])
     rules = [r for r in video_llama_rules(cfg) if r.source.startswith("llama_model.")]
     exported = export_state_dict(restored(out), rules, [p for p, _ in scanned_subtrees(cfg)])
     assert sorted(exported) == sorted(f"llama_model.{k}" for k in hf_state)
@@ -425,13 +440,33 @@ def test_sharded_pytorch_bin_llama_folder_imports_value_for_value(repo_root, fil
 
 
 def test_help_lists_every_option(repo_root):
-    result = subprocess.run(["vllama-convert", "--help"], env=environment(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["vllama-convert", "--help"], env=environment(), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0 and "import" in result.stdout and "export" in result.stdout, result.stderr[-2000:]
-    options = {"import": ("--config", "--source", "--out", "--part", "--dtype", "--dry-run", "--drop-audio"),
-               "export": ("--config", "--params", "--format", "--out", "--trainable-only")}
+    options = {"import": ("--config", "--source", "--out", "--part", "--dtype", "--dry_run", "--drop_audio"),
+               "export": ("--config", "--params", "--format", "--out", "--trainable_only")}
     for command, names in options.items():
         code, stdout, _ = convert_here(repo_root, command, "--help")
         assert code == 0 and all(name in stdout for name in names), stdout
+
+
+def test_config_overrides_reach_the_model_and_main_runs_again(repo_root, files, tmp_path):
+    """`--config.<field>=<value>` changes the model the sources must fill (one LLM layer more than the files hold is
+    refused by name); the same in-process `main` then dry-runs the unchanged config; a hyphenated flag is refused in
+    one line that names the snake_case spelling. Nothing is written."""
+    _, _, root, cfg = files
+    names = ("eva_vit_g.pth", "blip2_pretrained.pth", "llama-hf", "video_llama_branch.pth")
+    sources = [a for name in names for a in ("--source", root / name)]
+    out = tmp_path / "out"
+    layers = cfg.llm.num_layers
+    code, _, stderr = convert_here(repo_root, "import", CONFIG, f"--config.model.llm.num_layers={layers + 1}",
+                                   "--dry_run", "--out", out, *sources)
+    assert code == 2 and f"missing llama_model.model.layers.{layers}." in stderr, stderr
+    code, stdout, _ = convert_here(repo_root, "import", CONFIG, "--dry_run", "--out", out, *sources)
+    assert code == 0 and "nothing written" in stdout, stdout
+    code, _, stderr = convert_here(repo_root, "import", CONFIG, "--dry-run", "--out", out, *sources)
+    assert code == 2 and stderr.startswith("vllama-convert: ") and stderr.count("\n") == 1 and "dry_run" in stderr
+    assert not out.exists() and not leftovers(out)
 
 
 def test_a_truncated_pth_is_refused_with_its_name(repo_root, files, bin_llama, tmp_path):
@@ -451,5 +486,6 @@ def test_a_truncated_pth_is_refused_with_its_name(repo_root, files, bin_llama, t
     with pytest.raises(ValueError, match=re.escape(f"{shard}: not a readable PyTorch checkpoint")):
         src.open_source(folder)
     truncated = tmp_path / f"branch_{len(data) // 2}.pth"
-    stderr = refused_import(repo_root, tmp_path, [root / "eva_vit_g.pth", root / "blip2_pretrained.pth", root / "llama-hf", truncated])
+    sources = [root / "eva_vit_g.pth", root / "blip2_pretrained.pth", root / "llama-hf", truncated]
+    stderr = refused_import(repo_root, tmp_path, sources)
     assert f"{truncated}: not a readable PyTorch checkpoint" in stderr

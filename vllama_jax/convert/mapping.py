@@ -1,8 +1,9 @@
 """The mechanics of moving weights between a PyTorch state dict (original key names) and our parameter tree.
 
 A mapping is a list of `Rule`s, plain data: one original key, one parameter path (or several, for a packed
-tensor), and how the array changes layout. Component modules (`eva_vit.py`, `qformer.py`, `llama.py`) build
-their lists from per-layer tables; `video_llama.py` composes them under the original prefixes.
+tensor), and how the array changes layout (the name of a `Transform` row in `TRANSFORMS`, or of a packed q/k/v
+split in `SPLITS`). Component modules (`eva_vit.py`, `qformer.py`, `llama.py`) build their lists from per-layer
+tables; `video_llama.py` composes them under the original prefixes.
 
 Conversion always goes through the unscanned layout (`blocks_0`, `blocks_1`, …); `stack_numbered` /
 `unstack_numbered` move between that and a scanned layout (one `blocks` subtree with a leading layer axis).
@@ -12,20 +13,64 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-# How an array changes between PyTorch and us. All are exact (transposes and reshapes only).
-#   same     identical shape (tokens, norms, embeddings)
-#   bias     (H*D,) <-> (H, D) or any reshape of a 1-D vector
-#   linear   torch (out, in) <-> ours (in, *out_dims): transpose, then reshape the output dims
-#   linear2  torch (out, H*D) <-> ours (H, D, out): transpose, then reshape the two input dims
-#   conv     torch (O, I, *kernel) <-> ours (*kernel, I, O), 2-D or 3-D kernels
-#   split3   torch (3*out, in) packed q/k/v <-> three `linear` targets
-#   split3_bias  torch (3*out,) packed q/k/v biases <-> three `bias` targets
-TRANSFORMS = ("same", "bias", "linear", "linear2", "conv", "split3", "split3_bias")
-SPLITS = {"split3": "linear", "split3_bias": "bias"}  # packed transform -> each piece's transform
+
+def _c_order(array: np.ndarray) -> np.ndarray:
+    return np.require(array, requirements="C")  # ascontiguousarray would turn a 0-d buffer into (1,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """How one array changes layout between PyTorch and us; exact (transposes and reshapes only).
+
+    torch_shape(ours) is the exact PyTorch shape a tensor must have to become a parameter of shape `ours` (so a
+    transposed or reordered tensor with the right element count is refused, not scrambled); to_ours(array, ours)
+    returns a C-ordered array of shape `ours`; to_torch(array) is its inverse.
+    """
+
+    name: str
+    layout: str  # torch <-> ours, for the reader
+    torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+# One row per transform: adding one is adding a row.
+TRANSFORMS: dict[str, Transform] = {t.name: t for t in (
+    Transform(
+        "same", "identical shape (tokens, norms, embeddings)",
+        torch_shape=tuple,
+        to_ours=lambda array, ours: _c_order(array.reshape(ours)),
+        to_torch=lambda array: array),
+    Transform(
+        "bias", "(H*D,) <-> (H, D), or any reshape of a 1-D vector",
+        torch_shape=lambda ours: (math.prod(ours),),
+        to_ours=lambda array, ours: _c_order(array.reshape(ours)),
+        to_torch=lambda array: array.reshape(-1)),
+    Transform(
+        "linear", "torch (out, in) <-> ours (in, *out_dims): transpose, then reshape the output dims",
+        torch_shape=lambda ours: (math.prod(ours[1:]), ours[0]),
+        to_ours=lambda array, ours: _c_order(array.T.reshape(ours)),
+        to_torch=lambda array: np.ascontiguousarray(array.reshape(array.shape[0], -1).T)),
+    Transform(
+        "linear2", "torch (out, H*D) <-> ours (H, D, out): transpose, then reshape the two input dims",
+        torch_shape=lambda ours: (math.prod(ours[2:]), ours[0] * ours[1]),
+        to_ours=lambda array, ours: _c_order(array.T.reshape(ours)),
+        to_torch=lambda array: np.ascontiguousarray(array.reshape(array.shape[0] * array.shape[1], -1).T)),
+    Transform(
+        "conv", "torch (O, I, *kernel) <-> ours (*kernel, I, O), 2-D or 3-D kernels",
+        torch_shape=lambda ours: (ours[-1], ours[-2], *ours[:-2]),
+        to_ours=lambda array, ours: _c_order(np.moveaxis(array, (0, 1), (-1, -2)).reshape(ours)),
+        to_torch=lambda array: np.ascontiguousarray(np.moveaxis(array, (-1, -2), (0, 1)))),
+)}
+
+# Packed q/k/v: torch holds the three projections stacked on axis 0; each third is one target under this transform.
+#   split3       torch (3*out, in) <-> three `linear` targets
+#   split3_bias  torch (3*out,) <-> three `bias` targets
+SPLITS = {"split3": "linear", "split3_bias": "bias"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +80,7 @@ class Rule:
     transform: str = "same"
 
     def __post_init__(self):
-        if self.transform not in TRANSFORMS:
+        if self.transform not in TRANSFORMS and self.transform not in SPLITS:
             raise ValueError(f"unknown transform {self.transform!r} for {self.source}")
         if (self.transform in SPLITS) != isinstance(self.target, tuple):
             raise ValueError(f"{self.source}: only {'/'.join(SPLITS)} take several targets")
@@ -60,53 +105,15 @@ def prefixed(rules: Iterable[Rule], source_prefix: str, target_prefix: str) -> l
         return f"{target_prefix}/{t}" if target_prefix else t
 
     return [
-        Rule(source_prefix + r.source, tuple(tgt(t) for t in r.target) if isinstance(r.target, tuple) else tgt(r.target), r.transform)
+        Rule(source_prefix + r.source, tuple(map(tgt, r.target)) if isinstance(r.target, tuple) else tgt(r.target),
+             r.transform)
         for r in rules
     ]
 
 
 def torch_shape(transform: str, ours: tuple[int, ...]) -> tuple[int, ...]:
-    """The exact PyTorch shape a tensor must have to become a parameter of shape `ours` under `transform`
-    (so a transposed or reordered tensor with the right element count is refused, not scrambled)."""
-    if transform == "same":
-        return tuple(ours)
-    if transform == "bias":
-        return (math.prod(ours),)
-    if transform == "linear":
-        return (math.prod(ours[1:]), ours[0])
-    if transform == "linear2":
-        return (math.prod(ours[2:]), ours[0] * ours[1])
-    if transform == "conv":
-        *kernel, cin, cout = ours
-        return (cout, cin, *kernel)
-    raise AssertionError(transform)
-
-
-def _to_ours(array: np.ndarray, transform: str, shape: tuple[int, ...]) -> np.ndarray:
-    if transform in ("same", "bias"):
-        out = array.reshape(shape)
-    elif transform in ("linear", "linear2"):
-        out = array.T.reshape(shape)
-    elif transform == "conv":
-        out = array.transpose(*range(2, array.ndim), 1, 0).reshape(shape)
-    else:
-        raise AssertionError(transform)
-    return np.require(out, requirements="C")  # ascontiguousarray would turn a 0-d buffer into (1,)
-
-
-def _to_torch(array: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "same":
-        return array
-    if transform == "bias":
-        return array.reshape(-1)
-    if transform == "linear":
-        return np.ascontiguousarray(array.reshape(array.shape[0], -1).T)
-    if transform == "linear2":
-        return np.ascontiguousarray(array.reshape(array.shape[0] * array.shape[1], -1).T)
-    if transform == "conv":
-        n = array.ndim
-        return np.ascontiguousarray(array.transpose(n - 1, n - 2, *range(n - 2)))
-    raise AssertionError(transform)
+    """The exact PyTorch shape a tensor must have to become a parameter of shape `ours` under `transform`."""
+    return TRANSFORMS[transform].torch_shape(tuple(ours))
 
 
 class ConversionError(ValueError):
@@ -150,11 +157,11 @@ def torch_to_flat_params(
                 problems.append(f"{rule.source}: the model has no parameter {target!r}")
                 continue
             want = tuple(target_shapes[target])
-            expected = torch_shape(transform, want)
+            expected = TRANSFORMS[transform].torch_shape(want)
             if tuple(part.shape) != expected:
                 problems.append(f"{rule.source}: shape {tuple(part.shape)}, expected {expected} (for {target} {want})")
                 continue
-            out[target] = _to_ours(part, transform, want)
+            out[target] = TRANSFORMS[transform].to_ours(part, want)
     unused = [k for k in state_dict if k not in used and not any(r.fullmatch(k) for r in ignore_res)]
     if unused:
         problems.append(f"{len(unused)} unexpected keys: {', '.join(sorted(unused)[:20])}")
@@ -174,10 +181,10 @@ def flat_params_to_torch(flat_params: Mapping[str, Any], rules: list[Rule]) -> d
         if missing:
             raise ConversionError(f"no parameter {missing[0]!r} for key {rule.source!r}")
         if rule.transform in SPLITS:
-            piece = SPLITS[rule.transform]
-            out[rule.source] = np.concatenate([_to_torch(np.asarray(flat_params[t]), piece) for t in rule.targets])
+            piece = TRANSFORMS[SPLITS[rule.transform]]
+            out[rule.source] = np.concatenate([piece.to_torch(np.asarray(flat_params[t])) for t in rule.targets])
         else:
-            out[rule.source] = _to_torch(np.asarray(flat_params[rule.target]), rule.transform)
+            out[rule.source] = TRANSFORMS[rule.transform].to_torch(np.asarray(flat_params[rule.target]))
     return out
 
 

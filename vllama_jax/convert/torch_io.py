@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import itertools
+import json
 import re
 import shutil
 from pathlib import Path
@@ -26,7 +28,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import type_handlers
 
 from vllama_jax.convert import sources as src
-from vllama_jax.convert.mapping import SPLITS, ConversionError, Rule, _to_ours, torch_shape, unflatten
+from vllama_jax.convert.mapping import SPLITS, TRANSFORMS, ConversionError, Rule, flat_params_to_torch, unflatten
 
 
 class LazyArray:
@@ -60,19 +62,12 @@ class _OneAtATimeHandler(type_handlers.NumpyHandler):
             value.on_written(value)
 
 
-def _register_handler():
-    """Register the handler quietly: orbax warns that it shares numpy's type string, which is the point."""
-    from absl import logging as absl_logging
-
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        type_handlers.register_type_handler(LazyArray, _OneAtATimeHandler(), override=True)
-    finally:
-        absl_logging.set_verbosity(verbosity)
-
-
-_register_handler()
+def _lazy_checkpointer() -> ocp.Checkpointer:
+    """A checkpointer that writes LazyArray leaves one at a time. Its type-handler registry is its own (orbax's
+    standard handlers plus ours), so nothing is registered globally and restoring reads the arrays as numpy."""
+    standard = [(ty, type_handlers.get_type_handler(ty)) for ty in type_handlers.supported_types()]
+    registry = type_handlers.create_type_handler_registry(*standard, (LazyArray, _OneAtATimeHandler()))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +91,8 @@ def target_index(rules: Iterable[Rule]) -> dict[str, Piece]:
 
 
 # A source tensor fills a parameter only if both are of one kind: an integer or bool tensor holds no float weights.
-DTYPE_KINDS = (("floating", jnp.floating), ("complex", jnp.complexfloating), ("integer", jnp.integer), ("bool", jnp.bool_))
+DTYPE_KINDS = (("floating", jnp.floating), ("complex", jnp.complexfloating), ("integer", jnp.integer),
+               ("bool", jnp.bool_))
 
 
 def dtype_kind(dtype) -> str:
@@ -106,7 +102,7 @@ def dtype_kind(dtype) -> str:
 
 def _mismatch(piece: Piece, tensor: src.Tensor, target: str, param: jax.ShapeDtypeStruct) -> str | None:
     """Why `tensor` cannot fill the parameter `target` (its shape, or its dtype's kind), or None if it can."""
-    expected = torch_shape(piece.transform, param.shape)
+    expected = TRANSFORMS[piece.transform].torch_shape(tuple(param.shape))
     if piece.third is not None:
         expected = (expected[0] * 3, *expected[1:])
     if tensor.shape != expected:
@@ -127,7 +123,7 @@ def _materialise(tensor: src.Tensor, piece: Piece, shape: tuple[int, ...], dtype
     array = tensor.load()
     if piece.third is not None:
         array = np.split(array, 3, axis=0)[piece.third]
-    return _to_ours(array, piece.transform, shape).astype(dtype, copy=False)
+    return TRANSFORMS[piece.transform].to_ours(array, shape).astype(dtype, copy=False)
 
 
 @dataclasses.dataclass
@@ -219,7 +215,8 @@ def plan_import(
         else:
             tensor, piece = per_target[target]
             out_dtype = np.dtype(dtype) if dtype else tensor.dtype
-            leaves[target] = LazyArray(shapes[target], out_dtype, lambda t=tensor, p=piece, s=shapes[target], d=out_dtype: _materialise(t, p, s, d), target)
+            build = functools.partial(_materialise, tensor, piece, shapes[target], out_dtype)
+            leaves[target] = LazyArray(shapes[target], out_dtype, build, target)
             origin[target] = tensor.source
     for path, layers in stacked.items():
         layers.sort()
@@ -281,8 +278,6 @@ def write_import(plan: ImportPlan, out: str | Path, progress: Callable[[str], No
     """Write the planned checkpoint (orbax, one array at a time) and `<out>.sources.json` (the file each
     parameter came from, and what was dropped); refuses an existing `out`. A failure leaves neither behind
     (nor orbax's `<out>.orbax-checkpoint-tmp…`)."""
-    import json
-
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"{out} already exists; refusing to overwrite")
@@ -290,10 +285,10 @@ def write_import(plan: ImportPlan, out: str | Path, progress: Callable[[str], No
     for leaf in plan.leaves.values():
         leaf.on_written = lambda leaf: report(leaf.name, leaf.shape, leaf.dtype)
     with removed_on_error(out, ocp.path.atomicity_types.TMP_DIR_SUFFIX, SOURCES_REPORT):
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            checkpointer.save(out, plan.tree())
-        out.with_name(out.name + SOURCES_REPORT).write_text(json.dumps(
-            {"parameters": plan.origin, "dropped": plan.dropped, "not_in_this_part": plan.outside_part}, indent=1) + "\n")
+        with _lazy_checkpointer() as checkpointer:
+            checkpointer.save(out, args=ocp.args.PyTreeSave(plan.tree()))
+        sources_report = {"parameters": plan.origin, "dropped": plan.dropped, "not_in_this_part": plan.outside_part}
+        out.with_name(out.name + SOURCES_REPORT).write_text(json.dumps(sources_report, indent=1) + "\n")
     return out
 
 
@@ -301,8 +296,6 @@ def write_import(plan: ImportPlan, out: str | Path, progress: Callable[[str], No
 
 def export_state_dict_subset(flat_unscanned: dict[str, np.ndarray], rules: list[Rule]) -> dict[str, np.ndarray]:
     """{original key: array in PyTorch layout} for every rule whose parameters are all present."""
-    from vllama_jax.convert.mapping import flat_params_to_torch
-
     present = [r for r in rules if all(t in flat_unscanned for t in r.targets)]
     return flat_params_to_torch(flat_unscanned, present)
 
@@ -327,7 +320,8 @@ def torch_tensors(state_dict: dict[str, np.ndarray], report=lambda key, shape, d
     return out
 
 
-def save_original(state_dict: dict[str, np.ndarray], out: str | Path, progress: Callable[[str], None] = lambda line: None) -> Path:
+def save_original(state_dict: dict[str, np.ndarray], out: str | Path,
+                  progress: Callable[[str], None] = lambda line: None) -> Path:
     """`{'model': state_dict}` as the original Video-LLaMA saves and loads it; one progress line per array as it
     goes into the file's tensors, written whole as `<out>.partial` (removed on failure), then renamed."""
     import torch
@@ -359,8 +353,6 @@ def save_hf_llama(state_dict: dict[str, np.ndarray], llm_config, out: str | Path
 
 
 def _write_hf_llama(state_dict: dict[str, np.ndarray], llm_config, folder: Path, max_shard_bytes: int, report) -> None:
-    import json
-
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
@@ -381,7 +373,8 @@ def _write_hf_llama(state_dict: dict[str, np.ndarray], llm_config, folder: Path,
         for key in shard:
             report(key, shard[key].shape, shard[key].dtype)
     total = sum(a.nbytes for a in state_dict.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     dtypes = {str(a.dtype) for a in state_dict.values()}
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
