@@ -32,8 +32,19 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        # einops, ftfy, regex, iopath: what ImageBind's model files import (the reference in vllama_jax/testing/imagebind_reference.py)
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "einops>=0.7", "ftfy>=6", "regex", "iopath>=0.1.9"],
+        # einops, ftfy, regex, iopath: what ImageBind's model files import (the reference in
+        # vllama_jax/testing/imagebind_reference.py)
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "pytest-xdist>=3.6",
+            "torch==2.13.0",
+            "einops>=0.7",
+            "ftfy>=6",
+            "regex",
+            "iopath>=0.1.9",
+            "ruff==0.17.6",
+        ],  # ruff: the style rules (pyproject.toml), checked by tests/unit/test_repository.py
     },
     entry_points={
         "console_scripts": [

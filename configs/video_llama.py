@@ -3,7 +3,8 @@
     vllama-train --config configs/video_llama.py:llm=llama2_7b_chat,recipe=vision_stage1 --workdir runs/stage1 \
         --config.data.shards=shards/webvid --config.data.tokenizer=llama-2-7b-chat-hf \
         --config.train.frozen_checkpoint=ckpt/frozen --config.mesh.fsdp=8
-    vllama-train --config configs/video_llama.py:llm=vicuna_13b,recipe=audio_stage2 --workdir … (any field: --config.x=y)
+    vllama-train --config configs/video_llama.py:llm=vicuna_13b,recipe=audio_stage2 --workdir …
+    (any field: --config.x=y)
     vllama-plan --config configs/video_llama.py:llm=llama2_13b_chat --devices 8 --mesh fsdp=8
 
 Arguments (`name=value`, comma-separated; the old positional `llama2_7b_chat,vision_stage2` still works):
@@ -15,6 +16,7 @@ Tower sizes (EVA ViT-g, BLIP-2 Q-Former, video / audio Q-Formers, ImageBind) are
 defaults and the LLM sizes `models.llama.SIZES`, so each size is written once, in the model files; this file
 picks the LLM, the recipe and the precision. The CPU demo is its own experiment: configs/tiny_shapes.py.
 """
+
 import dataclasses
 
 import ml_collections
@@ -38,11 +40,19 @@ TINY = dict(
     # Its random ViT gets a stronger position embedding (std 0.2, not EVA's 0.02) so that where things are in a
     # frame, and so the direction of motion, reaches the Q-Former's output: held-out motion accuracy 81 % vs 58 %
     # in a same-data comparison (docs/results.md).
-    qformer=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=48, cross_attention_freq=2,
-                 initializer_range=0.3),
+    qformer=dict(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        encoder_width=48,
+        cross_attention_freq=2,
+        initializer_range=0.3,
+    ),
     num_query_tokens=4,
-    video_qformer=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=32,
-                       cross_attention_freq=1),
+    video_qformer=dict(
+        hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=32, cross_attention_freq=1
+    ),
     num_video_query_tokens=4,
     max_frame_pos=8,
     llm=dataclasses.asdict(SIZES["tiny"]),
@@ -51,8 +61,9 @@ TINY = dict(
     # tower is 64 wide: at 32 its random embedding told a 300 Hz tone from an 1800 Hz one far less reliably.
     imagebind_audio=dict(width=64, num_layers=2, num_heads=4, mlp_dim=256, out_dim=48),
     imagebind_vision=dict(input_size=(28, 28), width=32, num_layers=2, num_heads=4, mlp_dim=128, out_dim=48),
-    audio_qformer=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=48,
-                       cross_attention_freq=1),
+    audio_qformer=dict(
+        hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=48, cross_attention_freq=1
+    ),
     num_audio_query_tokens=4,
 )
 
@@ -63,13 +74,29 @@ TINY = dict(
 # the trainable Q-Former so that its loss can be cross-checked against PyTorch's, step by step.
 BENCH = dict(
     vision=dict(image_size=112, width=512, num_layers=4, num_heads=8, mlp_dim=2048),
-    qformer=dict(hidden_size=384, num_layers=4, num_heads=6, intermediate_size=1536, encoder_width=512,
-                 cross_attention_freq=2),
-    video_qformer=dict(hidden_size=384, num_layers=2, num_heads=6, intermediate_size=1536, encoder_width=384,
-                       cross_attention_freq=1, hidden_dropout=0.0, attention_dropout=0.0),
+    qformer=dict(
+        hidden_size=384, num_layers=4, num_heads=6, intermediate_size=1536, encoder_width=512, cross_attention_freq=2
+    ),
+    video_qformer=dict(
+        hidden_size=384,
+        num_layers=2,
+        num_heads=6,
+        intermediate_size=1536,
+        encoder_width=384,
+        cross_attention_freq=1,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    ),
     max_frame_pos=8,
-    llm=dict(vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_layers=4, num_heads=16, num_kv_heads=16,
-             rms_norm_eps=1e-5),
+    llm=dict(
+        vocab_size=8000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_layers=4,
+        num_heads=16,
+        num_kv_heads=16,
+        rms_norm_eps=1e-5,
+    ),
 )
 SMALL_MODELS = {"tiny": TINY, "bench": BENCH}
 
@@ -78,17 +105,45 @@ SMALL_MODELS = {"tiny": TINY, "bench": BENCH}
 # from a stage-1 run's trainable weights (train.init_trainable). branch: which glue trains ("visual": the video
 # Q-Former & co., "audio": the audio Q-Former & co.). The audio stages read no audio: audio_source "frames" sends
 # the video frames through ImageBind's vision tower (SPEC §4).
-DEFAULT_RECIPE = dict(batch=32, init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=2500, iters_per_epoch=2500,
-                      max_epoch=5, max_txt_len=32, end_sym="\n", frame_sampling="uniform", branch="visual",
-                      audio_source="frames")
+DEFAULT_RECIPE = dict(
+    batch=32,
+    init_lr=1e-4,
+    min_lr=8e-5,
+    warmup_lr=1e-6,
+    warmup_steps=2500,
+    iters_per_epoch=2500,
+    max_epoch=5,
+    max_txt_len=32,
+    end_sym="\n",
+    frame_sampling="uniform",
+    branch="visual",
+    audio_source="frames",
+)
 RECIPES = {
     "vision_stage1": {},
     # cc_sbu_align + LLaVA-Instruct-150K + VideoChat-11K: point data.shards at the three vllama-prepare folders
-    "vision_stage2": dict(batch=4, init_lr=3e-5, min_lr=1e-5, warmup_steps=1000, iters_per_epoch=1000, max_epoch=3,
-                          max_txt_len=320, end_sym="###"),
+    "vision_stage2": dict(
+        batch=4,
+        init_lr=3e-5,
+        min_lr=1e-5,
+        warmup_steps=1000,
+        iters_per_epoch=1000,
+        max_epoch=3,
+        max_txt_len=320,
+        end_sym="###",
+    ),
     "audio_stage1": dict(warmup_steps=5000, iters_per_epoch=5000, branch="audio"),
-    "audio_stage2": dict(batch=4, init_lr=3e-5, min_lr=1e-5, warmup_steps=400, iters_per_epoch=1000, max_epoch=3,
-                         max_txt_len=512, end_sym="###", branch="audio"),
+    "audio_stage2": dict(
+        batch=4,
+        init_lr=3e-5,
+        min_lr=1e-5,
+        warmup_steps=400,
+        iters_per_epoch=1000,
+        max_epoch=3,
+        max_txt_len=512,
+        end_sym="###",
+        branch="audio",
+    ),
 }
 OPTIMIZER_KEYS = ("init_lr", "min_lr", "warmup_lr", "warmup_steps", "iters_per_epoch", "max_epoch")
 
@@ -163,6 +218,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # keep each clip's decoded frames in memory after its first read (for a data set that fits; the random
         # crop still runs per example): the CPU demo turns it on
         cache_decoded=False,
+        # grain reader threads in the training process (grain's default 16; 0 = read in the loop's own thread)
+        read_threads=16,
         # vllama-cache output folders (comma-separated): train from the frozen towers' cached outputs instead of
         # media (data.shards is then not read; the towers' weights are not loaded for the step)
         feature_cache="",
@@ -179,9 +236,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # whose trainable weights start this one (stage 2 from stage 1). peak_flops: per device, for MFU (0 = the
     # accelerator table, or measured on a CPU). max_nonfinite: how many steps with a non-finite loss or gradient
     # (skipped, counted) a run tolerates; one more stops it, saved, with exit status 1. keep: newest checkpoints.
-    config.train = dict(steps=row["max_epoch"] * row["iters_per_epoch"], checkpoint_every=500, keep=3,
-                        max_nonfinite=10, log_every=50, frozen_checkpoint="", init_trainable="", peak_flops=0.0,
-                        branch=row["branch"])
+    config.train = dict(
+        steps=row["max_epoch"] * row["iters_per_epoch"],
+        checkpoint_every=500,
+        keep=3,
+        max_nonfinite=10,
+        log_every=50,
+        frozen_checkpoint="",
+        init_trainable="",
+        peak_flops=0.0,
+        branch=row["branch"],
+    )
     if args.llm == "tiny":  # a few steps of a tiny model: what the CPU tests run
         config.data.update(num_frames=4, max_txt_len=160 if args.recipe.endswith("stage2") else 16)
         config.train.update(steps=12, checkpoint_every=4, log_every=1)

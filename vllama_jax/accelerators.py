@@ -21,18 +21,41 @@ class Accelerator:
     source: str
 
 
-ACCELERATORS = {a.name: a for a in (
-    Accelerator("v4", ("TPU v4",), 32 * GIB, 275e12, "TPU v4, 32 GiB HBM2: cloud.google.com/tpu/docs/v4"),
-    Accelerator("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GIB, 197e12, "TPU v5e, 16 GB HBM2: cloud.google.com/tpu/docs/v5e"),
-    Accelerator("v5p", ("TPU v5p", "TPU v5"), 95 * GIB, 459e12, "TPU v5p, 95 GB HBM2e: cloud.google.com/tpu/docs/v5p"),
-    Accelerator("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GIB, 918e12,
-                "TPU v6e (Trillium), 32 GB HBM: cloud.google.com/tpu/docs/v6e"),
-    Accelerator("a100-40gb", ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"), 40 * GB, 312e12,
-                "NVIDIA A100 40GB HBM2: nvidia.com/en-us/data-center/a100"),
-    Accelerator("a100-80gb", ("NVIDIA A100",), 80 * GB, 312e12, "NVIDIA A100 80GB HBM2e: nvidia.com/en-us/data-center/a100"),
-    Accelerator("h100", ("NVIDIA H100",), 80 * GB, 989e12, "NVIDIA H100 SXM 80GB HBM3: nvidia.com/en-us/data-center/h100"),
-    Accelerator("h200", ("NVIDIA H200",), 141 * GB, 989e12, "NVIDIA H200 141GB HBM3e: nvidia.com/en-us/data-center/h200"),
-)}
+ACCELERATORS = {
+    a.name: a
+    for a in (
+        Accelerator("v4", ("TPU v4",), 32 * GIB, 275e12, "TPU v4, 32 GiB HBM2: cloud.google.com/tpu/docs/v4"),
+        Accelerator(
+            "v5e", ("TPU v5 lite", "TPU v5e"), 16 * GIB, 197e12, "TPU v5e, 16 GB HBM2: cloud.google.com/tpu/docs/v5e"
+        ),
+        Accelerator(
+            "v5p", ("TPU v5p", "TPU v5"), 95 * GIB, 459e12, "TPU v5p, 95 GB HBM2e: cloud.google.com/tpu/docs/v5p"
+        ),
+        Accelerator(
+            "v6e",
+            ("TPU v6 lite", "TPU v6e"),
+            32 * GIB,
+            918e12,
+            "TPU v6e (Trillium), 32 GB HBM: cloud.google.com/tpu/docs/v6e",
+        ),
+        Accelerator(
+            "a100-40gb",
+            ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"),
+            40 * GB,
+            312e12,
+            "NVIDIA A100 40GB HBM2: nvidia.com/en-us/data-center/a100",
+        ),
+        Accelerator(
+            "a100-80gb", ("NVIDIA A100",), 80 * GB, 312e12, "NVIDIA A100 80GB HBM2e: nvidia.com/en-us/data-center/a100"
+        ),
+        Accelerator(
+            "h100", ("NVIDIA H100",), 80 * GB, 989e12, "NVIDIA H100 SXM 80GB HBM3: nvidia.com/en-us/data-center/h100"
+        ),
+        Accelerator(
+            "h200", ("NVIDIA H200",), 141 * GB, 989e12, "NVIDIA H200 141GB HBM3e: nvidia.com/en-us/data-center/h200"
+        ),
+    )
+}
 
 
 def by_device_kind(device_kind: str) -> Accelerator | None:

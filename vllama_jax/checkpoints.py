@@ -15,9 +15,9 @@ refused with the offending names before any array is read.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-
-from typing import Any, Callable
+from typing import Any
 
 import grain
 import jax
@@ -106,6 +106,28 @@ def restore_trainable(source: str | Path, abstract_trainable):
     return restore_params(state, {"trainable": abstract_trainable}, subset=True)["trainable"]
 
 
+def read_saved(source: str | Path) -> tuple[dict, str]:
+    """(arrays, what they are) on the host, as saved, with no model at hand (conversion, inspection): every array of a
+    parameter checkpoint, or a run directory's newest trainable weights (read alone, no optimizer state)."""
+    source = Path(source)
+    if checkpoint_directory(source).is_dir():
+        step = latest_step(source)
+        if step is None:
+            raise FileNotFoundError(f"{checkpoint_directory(source)}: no complete checkpoint")
+        state = checkpoint_directory(source) / str(step) / "state"
+        with ocp.StandardCheckpointer() as checkpointer:
+            saved = checkpointer.metadata(state).item_metadata["trainable"]
+        abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+        return restore_params(state, {"trainable": abstract}, subset=True)[
+            "trainable"
+        ], f"trainable weights of step {step}"
+    with ocp.StandardCheckpointer() as checkpointer:
+        if not source.is_dir():
+            raise FileNotFoundError(f"parameter checkpoint {source.absolute()} does not exist")
+        tree = checkpointer.restore(source.absolute())
+    return tree, ", ".join(sorted(tree))
+
+
 class Checkpointer:
     """A run's train-state checkpoints in `workdir/checkpoints`: resume-or-initialise, the save cadence, and the
     saves a stop asks for. Saves are asynchronous; `close` (or leaving the `with` block) waits for them.
@@ -118,25 +140,39 @@ class Checkpointer:
         self.every, self.total_steps = every, total_steps
         self.manager = ocp.CheckpointManager(
             checkpoint_directory(workdir),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                                 cleanup_tmp_directories=True))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True
+            ),
+        )
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *_) -> None:
         self.close()
 
-    def restore_or_init(self, abstract_state, iterator, *, fresh: Callable[[], Any],
-                        from_trainable: Callable[[Any], Any], init_trainable: str = "", log=print):
+    def restore_or_init(
+        self,
+        abstract_state,
+        iterator,
+        *,
+        fresh: Callable[[], Any],
+        from_trainable: Callable[[Any], Any],
+        init_trainable: str = "",
+        log=print,
+    ):
         """The state to start from, in the shardings `abstract_state` (ShapeDtypeStructs) carries: the newest
         checkpoint with the data iterator moved to its position (resume); else, with `init_trainable` (another
         run's directory or a parameter checkpoint, e.g. stage 2 from stage 1), `from_trainable` of those weights
         (a fresh optimizer); else `fresh()`."""
         step = self.manager.latest_step()
         if step is not None:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator)))
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator)
+                ),
+            )
             log(f"resumed from step {step}")
             return restored["state"]
         if init_trainable:
@@ -149,8 +185,10 @@ class Checkpointer:
         """Save after `step` when the cadence (or `force`) says so; returns whether it saved."""
         if not (force or step % self.every == 0 or step == self.total_steps):
             return False
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)),
+        )
         return True
 
     def close(self) -> None:

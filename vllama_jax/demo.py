@@ -1,4 +1,4 @@
-"""`vllama-demo`: the CPU main job for now. Builds the model from a config, runs it on a video clip (a
+"""`vllama-demo`: the one-minute smoke test. Builds the model from a config, runs it on a video clip (a
 generated mp4 unless --video is given) and prints the soft-token shape and the stage-1 caption loss.
 
     vllama-demo --config configs/video_llama.py:llm=tiny [--config.model.llm.num_layers=3] [--video clip.mp4]
@@ -61,7 +61,9 @@ def run(config, workdir: Path, video_path: str | None, caption: str) -> dict:
 
     if video_path is None:
         video_path = write_test_video(workdir / "clip.mp4", num_frames=24, size=(64, 48))
-    frames = video.load_video(video_path, config.data.num_frames, model_cfg.vision.image_size, config.data.frame_sampling)
+    frames = video.load_video(
+        video_path, config.data.num_frames, model_cfg.vision.image_size, config.data.frame_sampling
+    )
     example = text.caption_example(
         tokenizer,
         text.clean_caption(caption),
@@ -78,8 +80,9 @@ def run(config, workdir: Path, video_path: str | None, caption: str) -> dict:
     batch_shardings = {k: sharding.batch_sharding(model.mesh, v.ndim, model.rules) for k, v in batch.items()}
 
     def forward(params, batch):
-        logits, soft_tokens = model.module.apply({"params": params}, batch["frames"], batch["input_ids"],
-                                                 batch["padding_mask"])
+        logits, soft_tokens = model.module.apply(
+            {"params": params}, batch["frames"], batch["input_ids"], batch["padding_mask"]
+        )
         loss, count = causal_lm_loss(logits, batch["labels"])
         return soft_tokens["video"], loss, count
 

@@ -53,11 +53,14 @@ def per_device_bytes(tree) -> int:
     import jax
     import numpy as np
 
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
+    )
 
 
-def plan_train(config, mesh, per_device_batch: int, text_length: int | None = None, *, cached: bool = False,
-               flops: bool = True) -> dict:
+def plan_train(
+    config, mesh, per_device_batch: int, text_length: int | None = None, *, cached: bool = False, flops: bool = True
+) -> dict:
     """Compile `config`'s train step for `per_device_batch` examples per data-parallel device on `mesh`."""
     from vllama_jax.config import model_config
     from vllama_jax.train.flops import compiled_flops
@@ -66,25 +69,45 @@ def plan_train(config, mesh, per_device_batch: int, text_length: int | None = No
     model_cfg = model_config(config)
     text_length = text_length or default_text_length(config, model_cfg)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
-    build = build_sharded_step(config, model_cfg, text_length, mesh=mesh, batch_size=per_device_batch * replicas, cached=cached)
+    build = build_sharded_step(
+        config, model_cfg, text_length, mesh=mesh, batch_size=per_device_batch * replicas, cached=cached
+    )
     started = time.perf_counter()
     compiled = build.lower().compile()
     seconds = time.perf_counter() - started
     state, frozen, batch = build.abstract_arguments()
     result = {
-        "step": "train", "config": config.name, "recipe": config.recipe, "branch": config.train.branch, "cached": cached,
-        "mesh": dict(mesh.shape), "devices": mesh.size, "per_device_batch": per_device_batch,
-        "global_batch": per_device_batch * replicas, "text_length": text_length,
-        "memory": _memory(compiled), "compile_seconds": round(seconds, 1),
-        "per_device_parameter_bytes": {"trainable": per_device_bytes(state.trainable), "frozen": per_device_bytes(frozen),
-                                       "optimizer": per_device_bytes(state.opt_state), "batch": per_device_bytes(batch)},
+        "step": "train",
+        "config": config.name,
+        "recipe": config.recipe,
+        "branch": config.train.branch,
+        "cached": cached,
+        "mesh": dict(mesh.shape),
+        "devices": mesh.size,
+        "per_device_batch": per_device_batch,
+        "global_batch": per_device_batch * replicas,
+        "text_length": text_length,
+        "memory": _memory(compiled),
+        "compile_seconds": round(seconds, 1),
+        "per_device_parameter_bytes": {
+            "trainable": per_device_bytes(state.trainable),
+            "frozen": per_device_bytes(frozen),
+            "optimizer": per_device_bytes(state.opt_state),
+            "batch": per_device_bytes(batch),
+        },
         "global": build.sizes(),
     }
     if flops:
         started = time.perf_counter()
-        result["flops_per_device"] = step_flops(config, model_cfg, text_length, mesh=mesh,
-                                                batch_size=per_device_batch * replicas, cached=cached,
-                                                unscanned=compiled_flops(compiled))
+        result["flops_per_device"] = step_flops(
+            config,
+            model_cfg,
+            text_length,
+            mesh=mesh,
+            batch_size=per_device_batch * replicas,
+            cached=cached,
+            unscanned=compiled_flops(compiled),
+        )
         result["flops_seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -116,8 +139,9 @@ def plan_decode(config, mesh, per_device_batch: int, cache_length: int) -> dict:
 
     llm_cfg = dataclasses.replace(model_config(config).llm, scan_layers=False)
     llm = LlamaForCausalLM(llm_cfg)
-    model = ShardedModel(llm, lambda rng: llm.init(rng, jnp.zeros((1, 1), jnp.int32))["params"], (), mesh,
-                         rules_of(config), config.seed)
+    model = ShardedModel(
+        llm, lambda rng: llm.init(rng, jnp.zeros((1, 1), jnp.int32))["params"], (), mesh, rules_of(config), config.seed
+    )
     rules = model.rules
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = per_device_batch * replicas
@@ -127,19 +151,37 @@ def plan_decode(config, mesh, per_device_batch: int, cache_length: int) -> dict:
     with model.on_mesh():
         state = jax.eval_shape(lambda p, e: start(llm, p, e, jnp.ones(e.shape[:2], bool), gen), params, prompt)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        batch_leading = lambda x: sharding.batch_sharding(mesh, len(x.shape), rules) if x.shape and x.shape[0] == batch \
-            else replicated  # noqa: E731
-        shardings = {k: (sharding.cache_shardings(v, CACHE_AXES, mesh, rules) if k == "cache"
-                         else jax.tree_util.tree_map(batch_leading, v)) for k, v in state.items()}
+        batch_leading = lambda x: (
+            sharding.batch_sharding(mesh, len(x.shape), rules) if x.shape and x.shape[0] == batch else replicated
+        )  # noqa: E731
+        shardings = {
+            k: (
+                sharding.cache_shardings(v, CACHE_AXES, mesh, rules)
+                if k == "cache"
+                else jax.tree_util.tree_map(batch_leading, v)
+            )
+            for k, v in state.items()
+        }
         state = sharding.with_shardings(state, shardings)
         step = jax.jit(lambda p, s: advance(llm, p, s, gen), out_shardings=shardings, donate_argnums=1)
         started = time.perf_counter()
         compiled = step.lower(params, state).compile()
-    return {"step": "decode", "config": config.name, "mesh": dict(mesh.shape), "devices": mesh.size,
-            "per_device_batch": per_device_batch, "global_batch": batch, "cache_length": cache_length,
-            "memory": _memory(compiled), "compile_seconds": round(time.perf_counter() - started, 1),
-            "flops_per_device": compiled_flops(compiled),  # one token per row
-            "per_device_parameter_bytes": {"frozen": per_device_bytes(params), "kv_cache": per_device_bytes(state["cache"])}}
+    return {
+        "step": "decode",
+        "config": config.name,
+        "mesh": dict(mesh.shape),
+        "devices": mesh.size,
+        "per_device_batch": per_device_batch,
+        "global_batch": batch,
+        "cache_length": cache_length,
+        "memory": _memory(compiled),
+        "compile_seconds": round(time.perf_counter() - started, 1),
+        "flops_per_device": compiled_flops(compiled),  # one token per row
+        "per_device_parameter_bytes": {
+            "frozen": per_device_bytes(params),
+            "kv_cache": per_device_bytes(state["cache"]),
+        },
+    }
 
 
 def largest_batch(peak_of, capacity: int, limit: int = 4096) -> tuple[int, dict[int, int]]:
@@ -185,38 +227,78 @@ def report(result: dict, accelerators: list[str]) -> list[str]:
     """The plan as Markdown lines."""
     mem, pb = result["memory"], result["per_device_parameter_bytes"]
     mesh = " ".join(f"{k}={v}" for k, v in result["mesh"].items())
-    what = (f"train step ({result['recipe']}, branch {result['branch']}{', cached features' if result['cached'] else ''}), "
-            f"{result['per_device_batch']} example(s) per device (global batch {result['global_batch']}), "
-            f"{result['text_length']} tokens" if result["step"] == "train" else
-            f"decode step, {result['per_device_batch']} row(s) per device (global {result['global_batch']}), "
-            f"{result['cache_length']}-slot KV cache")
-    lines = [f"### {result['config']}: {what}; mesh {mesh} ({result['devices']} devices); compiled in {result['compile_seconds']} s", "",
-             "| per device | MiB |", "|---|---|"]
-    names = {"argument_bytes": "arguments", "output_bytes": "outputs", "temp_bytes": "temporaries",
-             "alias_bytes": "outputs aliased to donated arguments"}
+    what = (
+        f"train step ({result['recipe']}, branch {result['branch']}{', cached features' if result['cached'] else ''}), "
+        f"{result['per_device_batch']} example(s) per device (global batch {result['global_batch']}), "
+        f"{result['text_length']} tokens"
+        if result["step"] == "train"
+        else f"decode step, {result['per_device_batch']} row(s) per device (global {result['global_batch']}), "
+        f"{result['cache_length']}-slot KV cache"
+    )
+    lines = [
+        f"### {result['config']}: {what}; mesh {mesh} ({result['devices']} devices); "
+        f"compiled in {result['compile_seconds']} s",
+        "",
+        "| per device | MiB |",
+        "|---|---|",
+    ]
+    names = {
+        "argument_bytes": "arguments",
+        "output_bytes": "outputs",
+        "temp_bytes": "temporaries",
+        "alias_bytes": "outputs aliased to donated arguments",
+    }
     lines += [f"| {label} | {_mib(mem[k])} |" for k, label in names.items()]
     lines += [f"| **peak** (arguments + temporaries + outputs − aliased) | **{_mib(mem['peak_bytes'])}** |"]
     lines += [f"| of the arguments: {k.replace('_', ' ')} | {_mib(v)} |" for k, v in pb.items()]
     if "flops_per_device" in result:
-        lines += ["", f"FLOPs per step per device: {_flop(result['flops_per_device'])}"
-                  + (f" (all devices: {_flop(result['flops_per_device'] * result['devices'])})" if result["step"] == "train" else "")]
+        lines += [
+            "",
+            f"FLOPs per step per device: {_flop(result['flops_per_device'])}"
+            + (
+                f" (all devices: {_flop(result['flops_per_device'] * result['devices'])})"
+                if result["step"] == "train"
+                else ""
+            ),
+        ]
     if "global" in result:
         g = result["global"]
-        lines += [f"parameters: {g['trainable']:,} trainable ({_mib(g['trainable_bytes'])} MiB), {g['frozen']:,} frozen "
-                  f"({_mib(g['frozen_bytes'])} MiB); optimizer state {_mib(g['optimizer_bytes'])} MiB (trainable only)"]
+        lines += [
+            f"parameters: {g['trainable']:,} trainable ({_mib(g['trainable_bytes'])} MiB), {g['frozen']:,} frozen "
+            f"({_mib(g['frozen_bytes'])} MiB); optimizer state {_mib(g['optimizer_bytes'])} MiB (trainable only)"
+        ]
     lines += ["", "| accelerator | HBM GiB | peak / HBM | fits |", "|---|---|---|---|"]
     for name in accelerators:
         capacity = hardware.get(name).hbm_bytes
-        lines.append(f"| {name} | {capacity / hardware.GIB:.1f} | {mem['peak_bytes'] / capacity:.0%} | {'yes' if mem['peak_bytes'] <= capacity else 'no'} |")
+        lines.append(
+            f"| {name} | {capacity / hardware.GIB:.1f} | {mem['peak_bytes'] / capacity:.0%} "
+            f"| {'yes' if mem['peak_bytes'] <= capacity else 'no'} |"
+        )
     for name, found in result.get("max_batch", {}).items():
-        lines.append(f"\nlargest per-device batch on {name}: **{found['batch']}** (peaks measured, MiB: "
-                     + ", ".join(f"b={b}: {_mib(p)}" for b, p in sorted(found["peaks"].items())) + ")")
+        lines.append(
+            f"\nlargest per-device batch on {name}: **{found['batch']}** (peaks measured, MiB: "
+            + ", ".join(f"b={b}: {_mib(p)}" for b, p in sorted(found["peaks"].items()))
+            + ")"
+        )
     return lines
 
 
-def run(config, *, devices: int, meshes: list[str], batch_per_device: int = 1, text_length: int | None = None,
-        cached: bool = False, flops: bool = True, max_batch: list[str] = (), accelerators: list[str] = (),
-        decode: bool = False, decode_batch: int = 8, cache_length: int = 2048, log=print) -> list[dict]:
+def run(
+    config,
+    *,
+    devices: int,
+    meshes: list[str],
+    batch_per_device: int = 1,
+    text_length: int | None = None,
+    cached: bool = False,
+    flops: bool = True,
+    max_batch: list[str] = (),
+    accelerators: list[str] = (),
+    decode: bool = False,
+    decode_batch: int = 8,
+    cache_length: int = 2048,
+    log=print,
+) -> list[dict]:
     """Plan the train step (and with `decode` a decode step) on each mesh; log the reports; return the results."""
     import jax
 
@@ -225,8 +307,10 @@ def run(config, *, devices: int, meshes: list[str], batch_per_device: int = 1, t
     for name in (*max_batch, *accelerators):
         hardware.get(name)  # refuses an unknown name before anything compiles
     if len(jax.devices()) < devices:
-        raise ValueError(f"asked for {devices} devices, JAX has {len(jax.devices())}: simulated devices must be "
-                         "requested (XLA_FLAGS=--xla_force_host_platform_device_count) before JAX is imported")
+        raise ValueError(
+            f"asked for {devices} devices, JAX has {len(jax.devices())}: simulated devices must be "
+            "requested (XLA_FLAGS=--xla_force_host_platform_device_count) before JAX is imported"
+        )
     results = []
     for mesh_text in meshes or [f"fsdp={devices}"]:
         mesh = make_mesh(parse_mesh(mesh_text), jax.devices()[:devices])
@@ -257,13 +341,16 @@ def _flags():
 
     config_flags.DEFINE_config_file("config", "configs/video_llama.py:llama2_7b_chat", "the config to plan")
     flags.DEFINE_integer("devices", 8, "simulated devices")
-    flags.DEFINE_multi_string("mesh", [], "mesh axes, e.g. fsdp=8 or fsdp=4,tensor=2 (repeatable; default: fsdp=devices)")
+    flags.DEFINE_multi_string(
+        "mesh", [], "mesh axes, e.g. fsdp=8 or fsdp=4,tensor=2 (repeatable; default: fsdp=devices)"
+    )
     flags.DEFINE_integer("batch_per_device", 1, "examples per data-parallel device")
     flags.DEFINE_integer("text_length", None, "tokens per example (default: stage 1's layout)")
     flags.DEFINE_bool("cached", False, "the step of a run reading the frozen-feature cache")
     flags.DEFINE_bool("flops", True, "count the step's FLOPs (a few shallow compiles)")
-    flags.DEFINE_list("max_batch", [], f"accelerators ({', '.join(hardware.ACCELERATORS)}) to find the largest "
-                      "per-device batch for")
+    flags.DEFINE_list(
+        "max_batch", [], f"accelerators ({', '.join(hardware.ACCELERATORS)}) to find the largest per-device batch for"
+    )
     flags.DEFINE_list("accelerators", ["v5e", "v5p", "v6e", "a100-80gb", "h100"], "accelerators the fit table shows")
     flags.DEFINE_bool("decode", False, "also plan one cached decoding step")
     flags.DEFINE_integer("decode_batch", 8, "decode rows per data-parallel device")
@@ -276,9 +363,21 @@ def _main(argv):
 
     del argv
     f = flags.FLAGS
-    results = run(f.config, devices=f.devices, meshes=f.mesh, batch_per_device=f.batch_per_device, text_length=f.text_length,
-                  cached=f.cached, flops=f.flops, max_batch=f.max_batch, accelerators=f.accelerators, decode=f.decode,
-                  decode_batch=f.decode_batch, cache_length=f.cache_length, log=lambda s: print(s, flush=True))
+    results = run(
+        f.config,
+        devices=f.devices,
+        meshes=f.mesh,
+        batch_per_device=f.batch_per_device,
+        text_length=f.text_length,
+        cached=f.cached,
+        flops=f.flops,
+        max_batch=f.max_batch,
+        accelerators=f.accelerators,
+        decode=f.decode,
+        decode_batch=f.decode_batch,
+        cache_length=f.cache_length,
+        log=lambda s: print(s, flush=True),
+    )
     if f.json:
         with open(f.json, "w") as out:
             json.dump(results, out, indent=1)
@@ -291,7 +390,9 @@ def cli():
     devices = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), None)
     if devices is None and "--devices" in sys.argv[:-1]:
         devices = sys.argv[sys.argv.index("--devices") + 1]
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices or 8}".strip()
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices or 8}".strip()
+    )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     _flags()
     app.run(_main)

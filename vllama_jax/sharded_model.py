@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,9 @@ class ShardedModel:
         self.boxed_params = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(self.seed)))
         missing = [n for n in self.trainable_names if n not in self.boxed_params]
         if missing:
-            raise KeyError(f"trainable subtrees {missing} are not in the model (top level: {sorted(self.boxed_params)})")
+            raise KeyError(
+                f"trainable subtrees {missing} are not in the model (top level: {sorted(self.boxed_params)})"
+            )
         self.shardings = sharding.mesh_shardings(self.boxed_params, self.mesh, self.rules)
 
     @property
@@ -71,8 +74,10 @@ class ShardedModel:
         """The subtrees `names` (default: all), random from the seed, each in its sharding (XLA drops what is not
         asked for, so nothing else is allocated)."""
         names = self.names if names is None else tuple(names)
-        return jax.jit(lambda: {k: v for k, v in nn.unbox(self.init(jax.random.PRNGKey(self.seed))).items() if k in names},
-                       out_shardings={k: self.shardings[k] for k in names})()
+        return jax.jit(
+            lambda: {k: v for k, v in nn.unbox(self.init(jax.random.PRNGKey(self.seed))).items() if k in names},
+            out_shardings={k: self.shardings[k] for k in names},
+        )()
 
     def load_frozen(self, checkpoint: str, names: Iterable[str] | None = None, log=print) -> dict:
         """The frozen subtrees `names` (default: every frozen one) from the orbax parameter checkpoint
@@ -99,25 +104,31 @@ def split_params(params: dict, trainable_names: tuple[str, ...]) -> tuple[dict, 
     missing = [n for n in trainable_names if n not in params]
     if missing:
         raise KeyError(f"trainable subtrees {missing} are not in the model (top level: {sorted(params)})")
-    return ({k: v for k, v in params.items() if k in trainable_names},
-            {k: v for k, v in params.items() if k not in trainable_names})
+    return (
+        {k: v for k, v in params.items() if k in trainable_names},
+        {k: v for k, v in params.items() if k not in trainable_names},
+    )
 
 
 def tree_size(tree) -> tuple[int, int]:
     """(elements, bytes) of a tree of arrays or ShapeDtypeStructs (boxed or not)."""
     leaves = jax.tree_util.tree_leaves(sharding.unboxed(tree))
-    return (sum(math.prod(x.shape) for x in leaves),
-            sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves))
+    return (
+        sum(math.prod(x.shape) for x in leaves),
+        sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves),
+    )
 
 
 # ---- the model families ----
+
 
 def video_llama(config, model_cfg, mesh: Mesh) -> ShardedModel:
     """Video-LLaMA (`models.video_llama`): the branch the config trains (`train.branch`) decides the trainable
     subtrees."""
     module = VideoLlama(model_cfg)
-    return ShardedModel(module, lambda rng: init_params(module, rng), branch(config).trainable, mesh,
-                        rules_of(config), config.seed)
+    return ShardedModel(
+        module, lambda rng: init_params(module, rng), branch(config).trainable, mesh, rules_of(config), config.seed
+    )
 
 
 FAMILIES: dict[str, Callable[..., ShardedModel]] = {"video_llama": video_llama}

@@ -1,12 +1,13 @@
 """Sharding, declared once: logical axis names (used by the models) -> mesh axes (`data`, `fsdp`, `tensor`).
 
 Models only name axes. This file holds the default rules table; a config may replace it
-(`config.sharding.logical_axis_rules`). Changing the parallelism means editing the table, never a model.
+(`config.logical_axis_rules`). Changing the parallelism means editing the table, never a model.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

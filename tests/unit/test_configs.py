@@ -52,3 +52,27 @@ def test_every_config_docstring_gives_its_command(repo_root, name):
     text = (repo_root / "configs" / name).read_text()
     docstring = re.match(r'"""(.*?)"""', text, re.S).group(1)
     assert re.search(rf"vllama-train --config configs/{re.escape(name)}", docstring), docstring[:300]
+
+
+def test_configs_pick_the_template_of_their_llm(repo_root):
+    from vllama_jax.config import load_config
+
+    spec = str(repo_root / "configs/video_llama.py")
+    assert load_config(f"{spec}:llama2_13b_chat,vision_stage2").data.template == "llama_2"
+    assert load_config(f"{spec}:vicuna_7b,audio_stage2").data.template == "vicuna"
+
+
+def test_stage2_caption_prompts_are_the_alignment_prompts_in_the_llms_template(repo_root):
+    from vllama_jax.config import load_config
+
+    spec = str(repo_root / "configs/video_llama.py")
+    vicuna = load_config(f"{spec}:vicuna_13b,vision_stage2").data
+    assert vicuna.end_sym == "###" and len(vicuna.caption_prompts) == 4
+    assert (
+        vicuna.caption_prompts[0]
+        == "###Human: <Image><ImageHere></Image> Describe this image in detail. ###Assistant: "
+    )
+    llama = load_config(f"{spec}:llama2_7b_chat,audio_stage2").data
+    assert llama.end_sym == "</s>"
+    assert llama.caption_prompts[0].startswith("[INST] <<SYS>>\n \n<</SYS>>\n\n<Image><ImageHere></Image> Describe")
+    assert load_config(f"{spec}:vicuna_7b").data.caption_prompts == ()  # stage 1: no prompt, as the original

@@ -52,7 +52,9 @@ def test_loaders_read_checkpoints_into_the_shardings(tiny, tmp_path):
     with model.on_mesh():
         loaded = model.load_frozen(str(tmp_path / "frozen"), ["llama_model"])  # the checkpoint may hold more
         weights = model.load_trainable(str(tmp_path / "trainable"))
-    np.testing.assert_array_equal(loaded["llama_model"]["lm_head"]["kernel"], frozen["llama_model"]["lm_head"]["kernel"])
+    np.testing.assert_array_equal(
+        loaded["llama_model"]["lm_head"]["kernel"], frozen["llama_model"]["lm_head"]["kernel"]
+    )
     assert loaded["llama_model"]["lm_head"]["kernel"].sharding == model.shardings["llama_model"]["lm_head"]["kernel"]
     assert set(weights) == set(VISUAL_TRAINABLE)
 
@@ -60,15 +62,24 @@ def test_loaders_read_checkpoints_into_the_shardings(tiny, tmp_path):
 class Tiny(nn.Module):
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(8, name="encoder", kernel_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed", "mlp")))(x)
-        return nn.Dense(2, name="head", kernel_init=nn.with_logical_partitioning(nn.initializers.ones, ("mlp", "embed")))(x)
+        x = nn.Dense(
+            8, name="encoder", kernel_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed", "mlp"))
+        )(x)
+        return nn.Dense(
+            2, name="head", kernel_init=nn.with_logical_partitioning(nn.initializers.ones, ("mlp", "embed"))
+        )(x)
 
 
 def test_any_family_plugs_in(tiny_config):
     """A family is a module, an init function and its trainable subtrees: nothing else is assumed."""
     module = Tiny()
-    model = sharded_model.ShardedModel(module, lambda rng: module.init(rng, jnp.zeros((1, 4)))["params"], ("head",),
-                                       make_mesh({"data": 1, "fsdp": 8, "tensor": 1}), [("embed", "fsdp"), ("mlp", None)])
+    model = sharded_model.ShardedModel(
+        module,
+        lambda rng: module.init(rng, jnp.zeros((1, 4)))["params"],
+        ("head",),
+        make_mesh({"data": 1, "fsdp": 8, "tensor": 1}),
+        [("embed", "fsdp"), ("mlp", None)],
+    )
     assert model.frozen_names == ("encoder",)
     assert model.shardings["head"]["kernel"].spec == jax.sharding.PartitionSpec(None, None)  # 2 does not divide by 8
     assert model.shardings["encoder"]["kernel"].spec == jax.sharding.PartitionSpec(None, None)  # 4 neither

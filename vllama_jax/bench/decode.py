@@ -2,6 +2,7 @@
 
     python -m vllama_jax.bench.decode            # tiny and small LLaMA configs, batch 1 and 8
     python -m vllama_jax.bench.decode --quick    # tiny only, fewer tokens (what the test runs)
+    python -m vllama_jax.bench.decode --scan --json=decode.json   # scanned layers, the results as JSON
 
 For each config: random LLaMA weights made in PyTorch and converted to ours; greedy decoding of `new_tokens`
 tokens after a `prompt`-token prompt with EOS switched off, so both generate exactly the same count; the
@@ -12,7 +13,6 @@ Timings on a shared machine are noisy: read the ratios, not the absolute numbers
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
@@ -40,10 +40,19 @@ def torch_llama(cfg: LlamaConfig, seed: int = 0):
     from transformers import LlamaForCausalLM as HFLlama
 
     torch.manual_seed(seed)
-    hf = HFLlama(HFConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                          num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                          num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False,
-                          attn_implementation="sdpa"))
+    hf = HFLlama(
+        HFConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            rms_norm_eps=cfg.rms_norm_eps,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+    )
     with torch.no_grad():  # wider than HF's 0.02 init, so greedy choices are clear-cut, not near-ties
         for name, weight in hf.named_parameters():
             if not name.endswith("norm.weight"):
@@ -60,9 +69,13 @@ def converted_params(hf, cfg: LlamaConfig):
     from vllama_jax.convert.video_llama import load_state_dict
 
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    abstract = jax.eval_shape(lambda: LlamaForCausalLM(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    abstract = jax.eval_shape(
+        lambda: LlamaForCausalLM(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    )
     scanned = [("decoder/layers", cfg.num_layers)] if cfg.scan_layers else []
-    params = load_state_dict(state, prefixed(llama_map.llama_rules(cfg), "", ""), abstract, scanned, source_name="benchmark")
+    params = load_state_dict(
+        state, prefixed(llama_map.llama_rules(cfg), "", ""), abstract, scanned, source_name="benchmark"
+    )
     return jax.tree_util.tree_map(jnp.asarray, params)
 
 
@@ -88,7 +101,9 @@ def measure(name: str, batch: int, prompt: int, new_tokens: int, repeats: int, s
 
     embed = jax.jit(lambda p, i: model.apply({"params": p}, i, method=LlamaForCausalLM.embed))
     prefill = jax.jit(lambda p, e, m: start(model, p, e, m, gen))
-    decode = jax.jit(lambda p, s: jax.lax.while_loop(lambda x: unfinished(x, gen), lambda x: advance(model, p, x, gen), s))
+    decode = jax.jit(
+        lambda p, s: jax.lax.while_loop(lambda x: unfinished(x, gen), lambda x: advance(model, p, x, gen), s)
+    )
 
     def ours_prefill():
         return jax.block_until_ready(prefill(params, embed(params, ids), mask))
@@ -108,8 +123,13 @@ def measure(name: str, batch: int, prompt: int, new_tokens: int, repeats: int, s
 
     def theirs_all():
         with torch.no_grad():
-            return hf.generate(input_ids=torch_ids, attention_mask=torch.ones_like(torch_ids), do_sample=False,
-                               max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            return hf.generate(
+                input_ids=torch_ids,
+                attention_mask=torch.ones_like(torch_ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+            )
 
     theirs_all()  # warm-up
     theirs_prefill_s, _ = _median_seconds(theirs_prefill, repeats)
@@ -119,8 +139,12 @@ def measure(name: str, batch: int, prompt: int, new_tokens: int, repeats: int, s
     ours_rate = decoded / max(ours_total_s - ours_prefill_s, 1e-9)
     theirs_rate = decoded / max(theirs_total_s - theirs_prefill_s, 1e-9)
     return {
-        "config": name, "parameters": int(sum(p.numel() for p in hf.parameters())), "batch": batch, "prompt": prompt,
-        "new_tokens": new_tokens, "same_tokens": bool(same),
+        "config": name,
+        "parameters": int(sum(p.numel() for p in hf.parameters())),
+        "batch": batch,
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "same_tokens": bool(same),
         "prefill_ms": {"ours": round(ours_prefill_s * 1e3, 2), "transformers": round(theirs_prefill_s * 1e3, 2)},
         "decode_tokens_per_s": {"ours": round(ours_rate, 1), "transformers": round(theirs_rate, 1)},
         "prefill_speedup": round(theirs_prefill_s / ours_prefill_s, 2),
@@ -128,40 +152,61 @@ def measure(name: str, batch: int, prompt: int, new_tokens: int, repeats: int, s
     }
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny config only, 16 tokens, 2 repeats")
-    parser.add_argument("--scan", action="store_true", help="decode with scanned layers (the training layout; slower: "
-                        "its KV cache moves through the scan every token) instead of per-layer ones (what vllama-chat uses)")
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
+def run(quick: bool = False, scan: bool = False, json_path: str | None = None) -> list[dict]:
+    """Measure the runs (`--quick`: the tiny config at batch 1 and 4, 16 tokens), print the table, return the rows;
+    fails when our greedy tokens differ from transformers'."""
     import torch
     import transformers
 
-    if args.quick:
+    if quick:
         runs = [("tiny", 1, 16, 16, 2), ("tiny", 4, 16, 16, 2)]
     else:
         runs = [(n, b, 128, 64, 3) for n in ("tiny", "small") for b in (1, 8)]
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} "
-          f"device(s); jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}; our layers {'scanned' if args.scan else 'per layer'}")
-    print("| config | params | batch | prompt | new | same tokens | prefill ms ours / theirs | decode tok/s ours / theirs | prefill × | decode × |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s); jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}; our layers {'scanned' if scan else 'per layer'}"
+    )
+    print(
+        "| config | params | batch | prompt | new | same tokens | prefill ms ours / theirs "
+        "| decode tok/s ours / theirs | prefill × | decode × |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for name, batch, prompt, new_tokens, repeats in runs:
-        r = measure(name, batch, prompt, new_tokens, repeats, args.scan)
+        r = measure(name, batch, prompt, new_tokens, repeats, scan)
         results.append(r)
-        print(f"| {name} | {r['parameters']:,} | {batch} | {prompt} | {new_tokens} | {r['same_tokens']} | "
-              f"{r['prefill_ms']['ours']} / {r['prefill_ms']['transformers']} | "
-              f"{r['decode_tokens_per_s']['ours']} / {r['decode_tokens_per_s']['transformers']} | "
-              f"{r['prefill_speedup']} | {r['decode_speedup']} |", flush=True)
+        print(
+            f"| {name} | {r['parameters']:,} | {batch} | {prompt} | {new_tokens} | {r['same_tokens']} | "
+            f"{r['prefill_ms']['ours']} / {r['prefill_ms']['transformers']} | "
+            f"{r['decode_tokens_per_s']['ours']} / {r['decode_tokens_per_s']['transformers']} | "
+            f"{r['prefill_speedup']} | {r['decode_speedup']} |",
+            flush=True,
+        )
         if not r["same_tokens"]:
             raise SystemExit(f"{name} batch {batch}: greedy tokens differ from transformers' generate")
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
     return results
 
 
+def main(argv) -> None:
+    from absl import flags
+
+    del argv
+    run(flags.FLAGS.quick, flags.FLAGS.scan, flags.FLAGS.json)
+
+
 if __name__ == "__main__":
-    main()
+    from absl import app, flags
+
+    flags.DEFINE_bool("quick", False, "tiny config only, 16 tokens, 2 repeats")
+    flags.DEFINE_bool(
+        "scan",
+        False,
+        "decode with scanned layers (the training layout; slower: its KV cache moves "
+        "through the scan every token) instead of per-layer ones (what vllama-chat uses)",
+    )
+    flags.DEFINE_string("json", None, "also write the results here")
+    app.run(main)

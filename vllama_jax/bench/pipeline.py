@@ -1,6 +1,6 @@
 """Decode + preprocess throughput of the pipeline's video path against decoding every frame.
 
-    python -m vllama_jax.bench.pipeline [--clips 4] [--seconds 12] [--repeats 3] [--out FILE]
+    python -m vllama_jax.bench.pipeline [--clips=4] [--seconds=12] [--repeats=3] [--out=FILE]
 
 Both arms run in this one process, one clip at a time, on the same generated clips (25 fps, 320x240, a 2-s
 keyframe interval as web video has, an AAC tone track) and include the same audio call
@@ -14,7 +14,6 @@ process, one clip at a time) for each arm and their ratio, as a Markdown table a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -104,7 +103,9 @@ def run(num_clips: int, seconds: float, repeats: int, workdir: Path) -> dict:
             result[f"{name}_video_s_per_clip_{clock}"] = round(per_clip[name][f"video_{clock}"], 4)
             result[f"{name}_audio_s_per_clip_{clock}"] = round(per_clip[name][f"audio_{clock}"], 4)
         result[f"ratio_{clock}"] = round(total["baseline"] / total["ours"], 2)
-        result[f"video_only_ratio_{clock}"] = round(per_clip["baseline"][f"video_{clock}"] / per_clip["ours"][f"video_{clock}"], 2)
+        result[f"video_only_ratio_{clock}"] = round(
+            per_clip["baseline"][f"video_{clock}"] / per_clip["ours"][f"video_{clock}"], 2
+        )
     # the headline figures: wall clock, one process, one clip at a time, so clips/s/core = clips/s / 1
     result["baseline_clips_per_s"] = result["baseline_clips_per_s_wall"]
     result["ours_clips_per_s"] = result["ours_clips_per_s_wall"]
@@ -115,12 +116,19 @@ def run(num_clips: int, seconds: float, repeats: int, workdir: Path) -> dict:
 def report(result: dict) -> str:
     """The Markdown table and the JSON line."""
     rows = []
-    for name, label in (("baseline", "baseline: decode every frame, convert each"), ("ours", "ours: seek to the 8 frames")):
+    for name, label in (
+        ("baseline", "baseline: decode every frame, convert each"),
+        ("ours", "ours: seek to the 8 frames"),
+    ):
         cells = [label]
         for clock in ("wall", "cpu"):
             rate = result[f"{name}_clips_per_s_{clock}"]
-            cells += [f"{rate}", f"{rate / 1:.3f}", f"{result[f'{name}_video_s_per_clip_{clock}']}",
-                      f"{result[f'{name}_audio_s_per_clip_{clock}']}"]
+            cells += [
+                f"{rate}",
+                f"{rate / 1:.3f}",
+                f"{result[f'{name}_video_s_per_clip_{clock}']}",
+                f"{result[f'{name}_audio_s_per_clip_{clock}']}",
+            ]
         rows.append("| " + " | ".join(cells) + " |")
     lines = [
         f"{result['clips']} clips of {result['clip_seconds']:g} s, 320x240 at {FPS} fps, 2-s GOP, AAC tone; "
@@ -139,21 +147,25 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clips", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=12.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, help="also write the table and the JSON line to this file")
-    args = parser.parse_args(argv)
+def main(argv) -> dict:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(args.clips, args.seconds, args.repeats, Path(tmp))
+        result = run(f.clips, f.seconds, f.repeats, Path(tmp))
     text = report(result)
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if f.out:
+        Path(f.out).write_text(text + "\n")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app, flags
+
+    flags.DEFINE_integer("clips", 4, "clips per arm")
+    flags.DEFINE_float("seconds", 12.0, "length of each clip")
+    flags.DEFINE_integer("repeats", 3, "timed passes (the median is reported)")
+    flags.DEFINE_string("out", None, "also write the table and the JSON line to this file")
+    app.run(main)

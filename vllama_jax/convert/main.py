@@ -21,8 +21,9 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,6 +31,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from vllama_jax.checkpoints import read_saved
 from vllama_jax.config import model_config
 from vllama_jax.convert import sources as src
 from vllama_jax.convert.mapping import ConversionError, flatten, unflatten, unstack_numbered
@@ -120,22 +122,10 @@ def run_import(model_cfg: VideoLlamaConfig, *, source_paths: Sequence[str], out:
 
 def read_params(paths: list[str]) -> dict:
     """Merge parameter checkpoints and run directories (their newest train state's trainable weights)."""
-    import orbax.checkpoint as ocp
-
     merged: dict = {}
-    for path in map(Path, paths):
-        if (path / "checkpoints").is_dir():
-            with ocp.CheckpointManager((path / "checkpoints").absolute()) as manager:
-                step = manager.latest_step()
-                if step is None:
-                    raise FileNotFoundError(f"{path}: no complete checkpoint")
-            with ocp.StandardCheckpointer() as checkpointer:
-                tree = checkpointer.restore((path / "checkpoints" / str(step) / "state").absolute())["trainable"]
-            print(f"params {path}: trainable weights of step {step}")
-        else:
-            with ocp.StandardCheckpointer() as checkpointer:
-                tree = checkpointer.restore(path.absolute())
-            print(f"params {path}: {', '.join(sorted(tree))}")
+    for path in paths:
+        tree, what = read_saved(path)
+        print(f"params {path}: {what}")
         merged.update(tree)
     return merged
 

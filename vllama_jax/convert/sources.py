@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -78,7 +78,9 @@ def _read_pth(path: Path) -> dict[str, Tensor]:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
         raise ValueError(f"{path}: expected a state dict (or {{'model': state_dict}}) of tensors")
-    return {k: Tensor(tuple(v.shape), _torch_dtype(v.dtype), str(path), k, lambda v=v: to_numpy(v)) for k, v in obj.items()}
+    return {
+        k: Tensor(tuple(v.shape), _torch_dtype(v.dtype), str(path), k, lambda v=v: to_numpy(v)) for k, v in obj.items()
+    }
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -93,10 +95,18 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if data_start + end > size:
         raise ValueError(f"{path}: truncated (the header describes {end} data bytes, the file is {size} bytes)")
-    return {k: Tensor(tuple(v["shape"]), dtypes[k], str(path), k,
-                      lambda k=k, v=v: _safetensors_tensor(path, k, data_start + v["data_offsets"][0],
-                                                           data_start + v["data_offsets"][1], dtypes[k]).reshape(v["shape"]))
-            for k, v in header.items()}
+    return {
+        k: Tensor(
+            tuple(v["shape"]),
+            dtypes[k],
+            str(path),
+            k,
+            lambda k=k, v=v: _safetensors_tensor(
+                path, k, data_start + v["data_offsets"][0], data_start + v["data_offsets"][1], dtypes[k]
+            ).reshape(v["shape"]),
+        )
+        for k, v in header.items()
+    }
 
 
 def _safetensors_header(path: Path) -> tuple[int, dict]:
@@ -121,9 +131,18 @@ def _safetensors_tensor(path: Path, key: str, begin: int, end: int, dtype: np.dt
 def _safetensors_dtypes() -> dict[str, np.dtype]:
     import ml_dtypes
 
-    return {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-            "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-            "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool)}
+    return {
+        "F64": np.dtype(np.float64),
+        "F32": np.dtype(np.float32),
+        "F16": np.dtype(np.float16),
+        "BF16": np.dtype(ml_dtypes.bfloat16),
+        "I64": np.dtype(np.int64),
+        "I32": np.dtype(np.int32),
+        "I16": np.dtype(np.int16),
+        "I8": np.dtype(np.int8),
+        "U8": np.dtype(np.uint8),
+        "BOOL": np.dtype(bool),
+    }
 
 
 _SAFETENSORS_DTYPES = _safetensors_dtypes()

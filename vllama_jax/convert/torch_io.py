@@ -18,8 +18,8 @@ import itertools
 import json
 import re
 import shutil
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ class LazyArray:
 
     def __init__(self, shape, dtype, make: Callable[[], np.ndarray], name: str = ""):
         self.shape, self.dtype, self._make, self.name = tuple(shape), np.dtype(dtype), make, name
-        self.on_written: Callable[["LazyArray"], None] = lambda leaf: None
+        self.on_written: Callable[[LazyArray], None] = lambda leaf: None
 
     @property
     def ndim(self) -> int:

@@ -5,7 +5,8 @@ work for any component on its own too (pass that component's rules and scanned s
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -51,7 +52,11 @@ def video_llama_rules(config: VideoLlamaConfig) -> list[Rule]:
     ]
     if config.equip_audio_branch:
         rules += [
-            *prefixed(imagebind.imagebind_rules(config.imagebind_audio, config.imagebind_vision), "audio_encoder.", "audio_encoder"),
+            *prefixed(
+                imagebind.imagebind_rules(config.imagebind_audio, config.imagebind_vision),
+                "audio_encoder.",
+                "audio_encoder",
+            ),
             Rule("audio_position_embedding.weight", "audio_position_embedding/embedding"),
             *prefixed(qformer.qformer_rules(config.audio_qformer), "audio_Qformer.", "audio_Qformer"),
             Rule("audio_query_tokens", "audio_query_tokens"),
@@ -130,5 +135,5 @@ def _unstack_abstract(flat: dict, path: str, count: int) -> dict:
             if leaf.shape[0] != count:
                 raise ConversionError(f"scanned subtree {path} has leading axis {leaf.shape[0]}, expected {count}")
             for i in range(count):
-                out[f"{path}_{i}/{key[len(path) + 1:]}"] = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+                out[f"{path}_{i}/{key[len(path) + 1 :]}"] = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
     return out

@@ -57,7 +57,7 @@ def kaldi_fbank(
 
     Computed in float64. torchaudio computes in float32, which in mel bins at the float32 noise floor (a pure
     digital tone, nothing else) moves its own log energies by up to 3e-3 against its float64 run; on audio with
-    any noise floor the two agree to < 1e-3 (tests/test_audio.py measures both).
+    any noise floor the two agree to < 1e-3 (tests/unit/data/test_audio.py measures both).
     """
     wave = np.asarray(wave, np.float64)
     window = int(sample_rate * frame_length_ms / 1000)
@@ -76,7 +76,9 @@ def kaldi_fbank(
     return np.log(np.maximum(energies, FLOAT32_EPS)).astype(np.float32)
 
 
-def clip_spans(duration: float, clips_per_video: int, clip_seconds: float = CLIP_SECONDS) -> list[tuple[Fraction, Fraction]]:
+def clip_spans(
+    duration: float, clips_per_video: int, clip_seconds: float = CLIP_SECONDS
+) -> list[tuple[Fraction, Fraction]]:
     """pytorchvideo's ConstantClipsPerVideoSampler: start_i = i · max(duration − clip, 0) / N, exact fractions."""
     step = Fraction(max(Fraction(duration) - Fraction(clip_seconds), 0)) / clips_per_video
     return [(step * i, step * i + Fraction(clip_seconds)) for i in range(clips_per_video)]
@@ -95,13 +97,13 @@ def fbank_clips(
     spans = clip_spans(waveform.shape[1] / sample_rate, clips_per_video)
     out = np.zeros((clips_per_video, 1, NUM_MEL_BINS, TARGET_FRAMES), np.float32)
     for i, (start, end) in enumerate(spans):
-        clip = waveform[:, int(start * sample_rate):int(end * sample_rate)]
+        clip = waveform[:, int(start * sample_rate) : int(end * sample_rate)]
         if faithful:
             clip -= clip.mean()  # a view: later overlapping clips see these shifted samples, as in the original
         else:
             clip = clip - clip.mean()
         feats = kaldi_fbank(clip[0], sample_rate).T[:, :TARGET_FRAMES]
-        out[i, 0, :, :feats.shape[1]] = feats
+        out[i, 0, :, : feats.shape[1]] = feats
     return (out - AUDIO_MEAN) / AUDIO_STD
 
 

@@ -5,15 +5,17 @@ image Q-Former's per-frame query outputs (`video_features`, (T, 32, 768) at full
 joint embeddings (`audio_features`, (S, 1024)), stored in the towers' own output dtype (bfloat16 for the
 full-size configs; the step casts to float32, which is exact), plus the example's `frame_mask` (an image's
 copies masked), `input_ids`, `padding_mask`, `labels` and `repairs` exactly as the media pipeline made them.
-Training from it skips the ViT, the image Q-Former and ImageBind. The shards have the same `manifest.json` as `vllama-prepare`'s, so `shard_paths` reads both.
+Training from it skips the ViT, the image Q-Former and ImageBind. The shards have the same `manifest.json` as
+`vllama-prepare`'s, so `shard_paths` reads both.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import grain
 import ml_dtypes
@@ -33,8 +35,10 @@ def _dtype(name: str) -> np.dtype:
 
 def encode(example_id: str, arrays: dict[str, np.ndarray]) -> bytes:
     """One record: an id and named arrays (raw bytes, shape and dtype each)."""
-    packed = {k: {"dtype": np.dtype(v.dtype).name, "shape": list(v.shape), "data": np.ascontiguousarray(v).tobytes()}
-              for k, v in arrays.items()}
+    packed = {
+        k: {"dtype": np.dtype(v.dtype).name, "shape": list(v.shape), "data": np.ascontiguousarray(v).tobytes()}
+        for k, v in arrays.items()
+    }
     return msgpack.packb({"id": example_id, "arrays": packed}, use_bin_type=True)
 
 
@@ -48,8 +52,14 @@ class FeatureShardWriter:
     """Writes records into numbered ArrayRecord shards in `out` (each under a temporary name, renamed when
     complete), then `manifest.json`. `out` must not hold a manifest already."""
 
-    def __init__(self, out: str | Path, name: str = "features", records_per_shard: int = 1000, info: dict | None = None,
-                 manifest_name: str = "manifest.json"):
+    def __init__(
+        self,
+        out: str | Path,
+        name: str = "features",
+        records_per_shard: int = 1000,
+        info: dict | None = None,
+        manifest_name: str = "manifest.json",
+    ):
         self.out, self.name, self.records_per_shard, self.info = Path(out), name, records_per_shard, info or {}
         self.manifest_name = manifest_name
         if (self.out / "manifest.json").exists() or (self.out / manifest_name).exists():
@@ -77,15 +87,23 @@ class FeatureShardWriter:
         final = self.out / self._file
         os.replace(self.out / (self._file + ".partial"), final)
         digest = hashlib.sha256(final.read_bytes()).hexdigest()
-        self.shards.append({"file": self._file, "records": self._count, "bytes": final.stat().st_size, "sha256": digest})
+        self.shards.append(
+            {"file": self._file, "records": self._count, "bytes": final.stat().st_size, "sha256": digest}
+        )
         self._writer = None
 
     def close(self, **extra) -> dict:
         """Finish the last shard and write the manifest (with `extra` fields, e.g. skip counts)."""
         if self._writer is not None:
             self._close_shard()
-        manifest = {"name": self.name, "format": "features", **self.info, **extra,
-                    "records": sum(s["records"] for s in self.shards), "shards": self.shards}
+        manifest = {
+            "name": self.name,
+            "format": "features",
+            **self.info,
+            **extra,
+            "records": sum(s["records"] for s in self.shards),
+            "shards": self.shards,
+        }
         (self.out / self.manifest_name).write_text(json.dumps(manifest, indent=1))
         return manifest
 
@@ -96,7 +114,9 @@ def read_manifest(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{path} does not exist: {folder} is not a feature cache (write one with vllama-cache)")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != "features":
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, not a feature cache (write one with vllama-cache)")
+        raise ValueError(
+            f"{path}: format {manifest.get('format')!r}, not a feature cache (write one with vllama-cache)"
+        )
     return manifest
 
 
@@ -111,16 +131,29 @@ class _Decode(grain.transforms.Map):
         _, arrays = decode(record)
         missing = [k for k in self.keys if k not in arrays]
         if missing:
-            raise KeyError(f"feature record lacks {missing} (it holds {sorted(arrays)}): the cache was written for "
-                           "another branch or by an older vllama-cache; rebuild it with vllama-cache for this config")
+            raise KeyError(
+                f"feature record lacks {missing} (it holds {sorted(arrays)}): the cache was written for "
+                "another branch or by an older vllama-cache; rebuild it with vllama-cache for this config"
+            )
         example = {k: arrays[k].astype(np.float32) if k in FEATURE_KEYS else np.array(arrays[k]) for k in self.keys}
-        return {**example, "example_mask": np.bool_(True), "skip_reason": np.int32(SkipReason.NONE),
-                "repairs": np.int32(arrays["repairs"]) if "repairs" in arrays else np.int32(Repair.NONE)}
+        return {
+            **example,
+            "example_mask": np.bool_(True),
+            "skip_reason": np.int32(SkipReason.NONE),
+            "repairs": np.int32(arrays["repairs"]) if "repairs" in arrays else np.int32(Repair.NONE),
+        }
 
 
-def make_feature_dataset(shard_paths: Sequence[str], keys: Sequence[str], batch_size: int, *, seed: int = 42,
-                         num_epochs: int | None = None, process_index: int | None = None,
-                         process_count: int | None = None) -> grain.IterDataset:
+def make_feature_dataset(
+    shard_paths: Sequence[str],
+    keys: Sequence[str],
+    batch_size: int,
+    *,
+    seed: int = 42,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
     """Per-host batches of cached examples: the media pipeline's order of operations (repeat → global shuffle
     → this host's rows of each global batch → batch), without the decoding. `keys`: the arrays to read."""
     if process_index is None or process_count is None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -25,6 +26,7 @@ from absl import flags
 
 from vllama_jax.constants import IGNORE_INDEX
 from vllama_jax.data import audio, conversation, records, text, video
+
 
 class SkipReason(enum.IntEnum):
     """Why an example was turned into an all-masked one (its `skip_reason`; 0 = a usable example)."""
@@ -68,6 +70,9 @@ class PipelineConfig:
     num_epochs: int | None = None  # None = repeat forever
     worker_count: int = 0  # grain worker processes (0 = decode in this process)
     worker_buffer_size: int = 2
+    # grain's reader threads in this process (its default is 16). On few cores with cheap examples (the CPU demo
+    # from memory) the thread hand-offs cost more than the decoding they overlap; 0 reads in the calling thread.
+    read_threads: int = 16
     # Keep every clip's decoded frames (all of them, at the decode size) in memory after its first read, so later
     # epochs sample and crop from memory instead of decoding again: for a data set that fits (the CPU demo's 960
     # clips of 16 frames at 28 px are 36 MB). The pixels are the ones decoding gives, so the batches are unchanged.
@@ -86,7 +91,7 @@ class ExampleBuilder(grain.transforms.RandomMap):
     def __init__(self, config: PipelineConfig, tokenizer):
         self.config = config
         self.tokenizer = tokenizer
-        self.decoded: dict[tuple[str, str], np.ndarray] = {}  # (dataset, id) -> every frame (cache_decoded)
+        self.decoded: dict[tuple[str, str], dict[int, np.ndarray]] = {}  # (dataset, id) -> frames (cache_decoded)
 
     def random_map(self, record: bytes, rng: np.random.Generator) -> dict[str, Any]:
         cfg = self.config
@@ -115,7 +120,11 @@ class ExampleBuilder(grain.transforms.RandomMap):
         example.update(tokens, frames=frames, frame_mask=frame_mask, example_mask=np.bool_(True))
         if cfg.with_audio:
             try:
-                clips, has_audio = audio.load_audio_clips(sample.media, cfg.clips_per_video, name=name) if sample.has_audio else (example["audio"], False)
+                clips, has_audio = (
+                    audio.load_audio_clips(sample.media, cfg.clips_per_video, name=name)
+                    if sample.has_audio
+                    else (example["audio"], False)
+                )
             except ValueError as err:
                 logging.warning("silencing the audio of %s: %s", name, err)
                 clips, has_audio = example["audio"], False
@@ -138,7 +147,7 @@ class ExampleBuilder(grain.transforms.RandomMap):
             "repairs": np.int32(Repair.NONE),
         }
         # a skipped example still needs its placeholders, so the model's splice sees the usual layout
-        out["input_ids"][1:1 + cfg.num_soft_tokens] = cfg.image_token_id
+        out["input_ids"][1 : 1 + cfg.num_soft_tokens] = cfg.image_token_id
         if cfg.with_audio:
             out["audio"] = np.zeros((cfg.clips_per_video, 1, audio.NUM_MEL_BINS, audio.TARGET_FRAMES), np.float32)
             out["audio_mask"] = np.bool_(False)
@@ -154,7 +163,11 @@ class ExampleBuilder(grain.transforms.RandomMap):
             raw = np.repeat(self._decode(sample, [0], None, name), cfg.num_frames, axis=0)
         else:
             raw = self._decode(sample, indices, cfg.image_size, name)
-        frames = video.train_transform(raw, rng, cfg.image_size, cfg.crop_scale) if cfg.train else video.eval_transform(raw, cfg.image_size)
+        frames = (
+            video.train_transform(raw, rng, cfg.image_size, cfg.crop_scale)
+            if cfg.train
+            else video.eval_transform(raw, cfg.image_size)
+        )
         # an image's copies and a short video's repeated last frame only keep the shapes fixed: the model reads the
         # real frames alone (the original's 1-frame video, and its min(n_frms, vlen) frames of a short video)
         frame_mask = np.arange(cfg.num_frames) < real
@@ -163,49 +176,73 @@ class ExampleBuilder(grain.transforms.RandomMap):
         return frames.astype(np.float32), frame_mask, [float(i) / fps for i in indices[:real]], repaired
 
     def _decode(self, sample: records.Sample, indices, size: int | None, name: str) -> np.ndarray:
-        """The frames at `indices` (uint8), decoded now or, with `cache_decoded`, taken from every frame of the
-        clip decoded on its first read."""
+        """The frames at `indices` (uint8), decoded now or, with `cache_decoded`, kept frame by frame: every frame of
+        the clip on its first read, or, where not every frame the header counts decodes, each frame once it has
+        been asked for (a frame that does not decode fails every time, as without the cache)."""
         if not self.config.cache_decoded:
             return video.read_frames_seeking(sample.media, indices, size, name=name)[0]
         key = (sample.dataset, sample.id)
-        if key not in self.decoded:
+        cache = self.decoded.get(key)
+        if cache is None:
             count = 1 if sample.kind == "image" else sample.num_frames
             try:
-                self.decoded[key] = video.read_frames_seeking(sample.media, range(count), size, name=name)[0]
-            except ValueError:  # not every frame the header counts decodes: read what is asked, as without a cache
-                return video.read_frames_seeking(sample.media, indices, size, name=name)[0]
-        return self.decoded[key][np.asarray(indices)]
+                cache = dict(enumerate(video.read_frames_seeking(sample.media, range(count), size, name=name)[0]))
+            except ValueError:
+                cache = {}
+            self.decoded[key] = cache
+        wanted = [int(i) for i in np.asarray(indices).reshape(-1)]
+        missing = sorted(set(wanted) - cache.keys())
+        if missing:
+            cache.update(zip(missing, video.read_frames_seeking(sample.media, missing, size, name=name)[0]))
+        return np.stack([cache[i] for i in wanted])
 
     def _text(self, sample: records.Sample, seconds: list[float], rng) -> dict[str, np.ndarray]:
         cfg = self.config
         if sample.conversation is not None:
             try:
-                turns = [{"from": t["from"].decode("utf-8"), "value": t["value"].decode("utf-8")} for t in sample.conversation]
+                turns = [
+                    {"from": t["from"].decode("utf-8"), "value": t["value"].decode("utf-8")}
+                    for t in sample.conversation
+                ]
             except UnicodeDecodeError:
-                raise _Skip(SkipReason.CAPTION_NOT_UTF8)
+                raise _Skip(SkipReason.CAPTION_NOT_UTF8) from None
             try:
                 out = conversation.training_example(
-                    self.tokenizer, turns, cfg.template, length=cfg.text_length, media_kind=sample.kind,
-                    num_soft_tokens=cfg.num_soft_tokens, frame_seconds=seconds if sample.kind == "video" else None)
+                    self.tokenizer,
+                    turns,
+                    cfg.template,
+                    length=cfg.text_length,
+                    media_kind=sample.kind,
+                    num_soft_tokens=cfg.num_soft_tokens,
+                    frame_seconds=seconds if sample.kind == "video" else None,
+                )
             except ValueError:  # roles out of order for the template, or an unknown role
-                raise _Skip(SkipReason.TEXT_TOO_LONG)
-            if (out["input_ids"] == cfg.image_token_id).sum() != cfg.num_soft_tokens or (out["labels"] == IGNORE_INDEX).all():
+                raise _Skip(SkipReason.TEXT_TOO_LONG) from None
+            if (out["input_ids"] == cfg.image_token_id).sum() != cfg.num_soft_tokens or (
+                out["labels"] == IGNORE_INDEX
+            ).all():
                 raise _Skip(SkipReason.TEXT_TOO_LONG)
             return out
         try:
             caption = text.clean_caption((sample.caption or b"").decode("utf-8"))
         except UnicodeDecodeError:
-            raise _Skip(SkipReason.CAPTION_NOT_UTF8)
+            raise _Skip(SkipReason.CAPTION_NOT_UTF8) from None
         if not caption:
             raise _Skip(SkipReason.CAPTION_EMPTY)
         prompt = cfg.prompts[int(rng.integers(len(cfg.prompts)))] if cfg.prompts else None
         try:
             return text.caption_example(
-                self.tokenizer, caption, num_soft_tokens=cfg.num_soft_tokens, image_token_id=cfg.image_token_id,
-                max_txt_len=cfg.max_txt_len, end_sym=cfg.end_sym, prompt=prompt, length=cfg.text_length,
+                self.tokenizer,
+                caption,
+                num_soft_tokens=cfg.num_soft_tokens,
+                image_token_id=cfg.image_token_id,
+                max_txt_len=cfg.max_txt_len,
+                end_sym=cfg.end_sym,
+                prompt=prompt,
+                length=cfg.text_length,
             )
         except ValueError:  # prompt + caption longer than text_length
-            raise _Skip(SkipReason.TEXT_TOO_LONG)
+            raise _Skip(SkipReason.TEXT_TOO_LONG) from None
 
 
 class _Skip(Exception):
@@ -254,12 +291,14 @@ def make_dataset(
     ds = ds.random_map(ExampleBuilder(config, tokenizer), seed=config.seed + 1)  # lazy: only this host's examples run
     ds = grain.MapDataset.source(ProcessSlice(ds, process_index, process_count, config.batch_size))
     ds = ds.batch(config.batch_size, drop_remainder=True)
-    it = ds.to_iter_dataset()
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads))
     if config.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app nobody parsed them
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size)
+            grain.MultiprocessingOptions(
+                num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size
+            )
         )
     return it
 
@@ -278,8 +317,14 @@ class _PadToBatches:
         return self.dataset[i] if i < len(self.dataset) else self.empty()
 
 
-def make_single_pass(shard_paths: Sequence[str], config: PipelineConfig, tokenizer, *,
-                     process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+def make_single_pass(
+    shard_paths: Sequence[str],
+    config: PipelineConfig,
+    tokenizer,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
     """Every record once, in shard order, as this host's rows of whole global batches: the last global batch
     is filled up with all-masked examples (`example_mask` False, reason code 0) rather than dropped, so a pass
     that must see every example (the frozen-feature cache) loses none."""

@@ -14,8 +14,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -76,7 +76,8 @@ def llava_instruct_items(annotations: Path) -> Iterator[Item]:
 
 
 def videochat_items(annotations: Path) -> Iterator[Item]:
-    """VideoChat instruct 11k: `{"video", "QA": [{"q", "a"}]}` (an optional instruction `i` is kept as a system turn)."""
+    """VideoChat instruct 11k: `{"video", "QA": [{"q", "a"}]}` (an optional instruction `i` is kept as a system
+    turn)."""
     for i, ann in enumerate(_read_json(annotations)):
         turns = [{"from": b"system", "value": _raw(ann["i"])}] if ann.get("i") else []
         for qa in ann["QA"]:
@@ -120,7 +121,13 @@ def _write_shard(task) -> dict:
         writer.close()
     os.replace(tmp, final)
     digest = hashlib.sha256(final.read_bytes()).hexdigest()
-    summary = {"file": final.name, "records": written, "bytes": final.stat().st_size, "sha256": digest, "rejects": rejects}
+    summary = {
+        "file": final.name,
+        "records": written,
+        "bytes": final.stat().st_size,
+        "sha256": digest,
+        "rejects": rejects,
+    }
     summary_path = out / f"{final.name}.json"
     summary_path.with_suffix(".tmp").write_text(json.dumps(summary))
     os.replace(summary_path.with_suffix(".tmp"), summary_path)
@@ -152,14 +159,17 @@ def prepare(
         if final.exists() and summary_path.exists():
             summaries[index] = json.loads(summary_path.read_text())
             continue
-        chunk = items[index * records_per_shard:(index + 1) * records_per_shard]
+        chunk = items[index * records_per_shard : (index + 1) * records_per_shard]
         tasks.append((out, name, fmt, index, count, media_root, chunk))
     log(f"{len(items)} items in {count} shards; {len(summaries)} already done, {len(tasks)} to write")
     if tasks:
         with multiprocessing.get_context("spawn").Pool(max(1, workers)) if workers > 1 else _Serial() as pool:
             for done, summary in enumerate(pool.imap_unordered(_write_shard, tasks), 1):
                 summaries[int(summary["file"].split("-")[-3])] = summary
-                log(f"  [{done}/{len(tasks)}] {summary['file']}: {summary['records']} records, {len(summary['rejects'])} rejected")
+                log(
+                    f"  [{done}/{len(tasks)}] {summary['file']}: {summary['records']} records, "
+                    f"{len(summary['rejects'])} rejected"
+                )
     shards = [summaries[i] for i in range(count)]
     rejects = [r for s in shards for r in s["rejects"]]
     with open(out / "rejects.jsonl", "w") as f:

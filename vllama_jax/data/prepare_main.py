@@ -34,7 +34,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     manifest = prepare(_FORMAT.value, Path(_ANNOTATIONS.value), Path(_MEDIA_ROOT.value), Path(_OUT.value),
                        name=_NAME.value, records_per_shard=_RECORDS.value, workers=_WORKERS.value)
-    print(json.dumps({k: manifest[k] for k in ("name", "items", "records", "rejected")} | {"shards": len(manifest["shards"])}))
+    print(
+        json.dumps(
+            {k: manifest[k] for k in ("name", "items", "records", "rejected")} | {"shards": len(manifest["shards"])}
+        )
+    )
 
 
 def cli():

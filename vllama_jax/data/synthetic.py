@@ -72,7 +72,9 @@ def _write_audio(container, stream, wave: np.ndarray, sample_rate: int) -> None:
         container.mux(packet)
 
 
-def write_test_image(path: str | Path, *, size: tuple[int, int] = (40, 30), color: tuple[int, int, int] = (30, 200, 60)) -> Path:
+def write_test_image(
+    path: str | Path, *, size: tuple[int, int] = (40, 30), color: tuple[int, int, int] = (30, 200, 60)
+) -> Path:
     """Write a JPEG (width, height = size): the left half `color`, the right half black. Returns the path."""
     path = Path(path)
     width, height = size
@@ -103,8 +105,12 @@ PITCHES = {"low": 300.0, "high": 1800.0}  # Hz
 RHYTHMS = {"steady": 0.0, "beeping": 4.0}  # on/off switches per second
 SOUND_ATTRIBUTES = {"pitch": tuple(PITCHES), "rhythm": tuple(RHYTHMS)}
 # one word per motion, for the text contexts the tiny LLM is pretrained with (vllama_jax/train/pretrain_llm.py)
-MOTION_WORDS = {"from left to right": "rightwards", "from right to left": "leftwards",
-                "from top to bottom": "downwards", "from bottom to top": "upwards"}
+MOTION_WORDS = {
+    "from left to right": "rightwards",
+    "from right to left": "leftwards",
+    "from top to bottom": "downwards",
+    "from bottom to top": "upwards",
+}
 
 
 def attribute_context(caption: str) -> str:
@@ -126,9 +132,19 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}: expected one of {SHAPES}")
 
 
-def write_shape_video(path: str | Path, color: str, shape: str, motion: str, rng: np.random.Generator, *,
-                      size: int = 64, num_frames: int = 16, fps: int = 8, sound: tuple[str, str] | None = None,
-                      sample_rate: int = 16000) -> Path:
+def write_shape_video(
+    path: str | Path,
+    color: str,
+    shape: str,
+    motion: str,
+    rng: np.random.Generator,
+    *,
+    size: int = 64,
+    num_frames: int = 16,
+    fps: int = 8,
+    sound: tuple[str, str] | None = None,
+    sample_rate: int = 16000,
+) -> Path:
     """An H.264 mp4 (size x size) of one coloured shape crossing the frame; size, offset across the path and
     background brightness vary with `rng`, so clips of the same caption differ. `sound` = (pitch, rhythm) adds
     an AAC track of that tone (its frequency jittered by ±5 % and its phase by `rng`)."""
@@ -153,7 +169,7 @@ def write_shape_video(path: str | Path, color: str, shape: str, motion: str, rng
             t = i / (num_frames - 1)
             left, top = round(travel * (x0 + (x1 - x0) * t)), round(travel * (y0 + (y1 - y0) * t))
             image = np.full((size, size, 3), background, np.uint8)
-            image[top:top + side, left:left + side][stencil] = SYNTHETIC_COLORS[color]
+            image[top : top + side, left : left + side][stencil] = SYNTHETIC_COLORS[color]
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -182,7 +198,9 @@ def parse_caption(text: str) -> dict[str, str | None]:
     return out
 
 
-def shapes_world(workdir: Path, num_train: int, num_eval: int, vocab_size: int, seed: int = 0, sounds: bool = False) -> dict:
+def shapes_world(
+    workdir: Path, num_train: int, num_eval: int, vocab_size: int, seed: int = 0, sounds: bool = False
+) -> dict:
     """The tiny default's data: `num_train` and `num_eval` (held-out) captioned clips of coloured shapes in
     motion, ingested with vllama-prepare into workdir/data/{train,eval}, and a BPE tokenizer trained on the
     caption text in workdir/tokenizer. Every combination of colour, shape and motion (and with `sounds`, pitch
@@ -207,10 +225,22 @@ def shapes_world(workdir: Path, num_train: int, num_eval: int, vocab_size: int, 
             write_shape_video(media / f"{split}{i}.mp4", color, shape, motion, rng, sound=sound)
             rows.append(f"{split}{i},{shape_caption(color, shape, motion, sound)},.")
         (out / "annotations.csv").write_text("\n".join(rows) + "\n")
-        prepare("webvid", out / "annotations.csv", media, out, name=f"shapes_{split}", records_per_shard=64, log=lambda *_: None)
+        prepare(
+            "webvid",
+            out / "annotations.csv",
+            media,
+            out,
+            name=f"shapes_{split}",
+            records_per_shard=64,
+            log=lambda *_: None,
+        )
     tokenizer = workdir / "tokenizer"
     if not tokenizer.exists():
         captions = [shape_caption(*combo).lower() for combo in combos]
         corpus = (captions + [attribute_context(c) for c in captions]) * 4
         build_bpe_tokenizer(corpus, vocab_size=vocab_size).save_pretrained(tokenizer)
-    return {"train": shard_paths(workdir / "data" / "train"), "eval": shard_paths(workdir / "data" / "eval"), "tokenizer": tokenizer}
+    return {
+        "train": shard_paths(workdir / "data" / "train"),
+        "eval": shard_paths(workdir / "data" / "eval"),
+        "tokenizer": tokenizer,
+    }

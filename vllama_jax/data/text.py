@@ -96,4 +96,6 @@ AUDIO_VIDEO_MESSAGE = (
 
 
 def audio_video_message(num_audio_tokens: int, num_video_tokens: int) -> str:
-    return AUDIO_VIDEO_MESSAGE.format(audio=AUDIO_PLACEHOLDER * num_audio_tokens, video=IMAGE_PLACEHOLDER * num_video_tokens)
+    return AUDIO_VIDEO_MESSAGE.format(
+        audio=AUDIO_PLACEHOLDER * num_audio_tokens, video=IMAGE_PLACEHOLDER * num_video_tokens
+    )

@@ -2,8 +2,8 @@
 byte-level BPE built on the spot (tests and the CPU demo cannot download the real one)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

@@ -6,6 +6,7 @@ decoding (aspect ratio not kept), then normalises with the CLIP mean and std.
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import math
 from fractions import Fraction
@@ -19,7 +20,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TRAIN_CROP_SCALE = (0.5, 1.0)  # the original train processor's RandomResizedCrop area fraction range
 
 
-def frame_indices(num_video_frames: int, n_frms: int, sampling: str = "uniform", rng: np.random.Generator | None = None):
+def frame_indices(
+    num_video_frames: int, n_frms: int, sampling: str = "uniform", rng: np.random.Generator | None = None
+):
     """`uniform`: arange(0, n, n / n_frms) cast to int. `headtail`: n_frms/2 sorted random indices from each
     half of the video (needs `rng`)."""
     if num_video_frames <= 0:
@@ -221,8 +224,11 @@ class _SeekingDecoder:
         return None, None
 
     def get(self, target: int):
-        if self.position is None or target <= self.position or (
-                not self.unseekable and self._keyframe_between(self.position, target)):
+        if (
+            self.position is None
+            or target <= self.position
+            or (not self.unseekable and self._keyframe_between(self.position, target))
+        ):
             self._seek(target)
         back = max(1, int(self.rate))  # first back-off: 1 s before the target
         while True:
@@ -234,14 +240,18 @@ class _SeekingDecoder:
             if frame is None and self.from_start:
                 if not self.decoded_any:
                     raise ValueError(f"{self.label}: the video has no frames")
-                raise ValueError(f"{self.label}: frame {target} is past the end of the video "
-                                 f"(last frame {self.position})")
+                raise ValueError(
+                    f"{self.label}: frame {target} is past the end of the video (last frame {self.position})"
+                )
             if frame is None and self.decoded_any and self.position is not None:
-                raise ValueError(f"{self.label}: frame {target} is past the end of the video "
-                                 f"(last frame {self.position})")
+                raise ValueError(
+                    f"{self.label}: frame {target} is past the end of the video (last frame {self.position})"
+                )
             if frame is not None and self.from_start:
-                raise ValueError(f"{self.label}: frame {target} not found (the stream jumps from before it to "
-                                 f"frame {index}; variable frame rate?)")
+                raise ValueError(
+                    f"{self.label}: frame {target} not found (the stream jumps from before it to "
+                    f"frame {index}; variable frame rate?)"
+                )
             # landed after the target, or got nothing: seek further back, at the start at the latest
             if target - back > 0:
                 self._seek(target - back)
@@ -291,7 +301,9 @@ def read_frames_seeking(source, indices, image_size: int | None, name: str | Non
     return np.stack([found[i] for i in order]), fps
 
 
-def random_resized_crop_params(height: int, width: int, rng: np.random.Generator, scale=TRAIN_CROP_SCALE, ratio=(3 / 4, 4 / 3)):
+def random_resized_crop_params(
+    height: int, width: int, rng: np.random.Generator, scale=TRAIN_CROP_SCALE, ratio=(3 / 4, 4 / 3)
+):
     """(top, left, crop height, crop width) by torchvision's RandomResizedCrop rule: 10 tries of a random area
     fraction and log-uniform aspect ratio, then a central crop clamped to the ratio range."""
     area = height * width
@@ -313,6 +325,7 @@ def random_resized_crop_params(height: int, width: int, rng: np.random.Generator
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@functools.lru_cache(maxsize=256)
 def _bicubic_matrix(in_size: int, out_size: int, dtype=np.float64, a: float = -0.75) -> np.ndarray:
     """(out, in) weights of PyTorch's bicubic interpolation (align_corners=False, clamped borders, no antialias).
 
@@ -336,7 +349,14 @@ def _bicubic_matrix(in_size: int, out_size: int, dtype=np.float64, a: float = -0
     matrix = np.zeros((out_size, in_size))
     for tap in range(4):
         np.add.at(matrix, (np.arange(out_size), np.clip(base - 1 + tap, 0, in_size - 1)), weights[:, tap])
+    matrix.flags.writeable = False  # kept for later calls of the same sizes (a crop's few sizes recur every step)
     return matrix
+
+
+@functools.lru_cache(maxsize=256)
+def _resize_path(shapes: tuple[tuple[int, ...], ...]) -> list:
+    """numpy's contraction order for `resize_bicubic`'s einsum at these shapes, found once per shape."""
+    return np.einsum_path("oh,thwc,pw->topc", *(np.empty(shape) for shape in shapes), optimize="greedy")[0]
 
 
 def resize_bicubic(frames: np.ndarray, size, width: int | None = None) -> np.ndarray:
@@ -354,7 +374,8 @@ def resize_bicubic(frames: np.ndarray, size, width: int | None = None) -> np.nda
     dtype = np.float64 if frames.dtype == np.float64 else np.float32
     rows = _bicubic_matrix(frames.shape[1], height, dtype)
     cols = _bicubic_matrix(frames.shape[2], width, dtype)
-    return np.einsum("oh,thwc,pw->topc", rows, frames.astype(np.float64), cols, optimize=True)
+    path = _resize_path((rows.shape, frames.shape, cols.shape))
+    return np.einsum("oh,thwc,pw->topc", rows, frames.astype(np.float64), cols, optimize=path)
 
 
 def _to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -364,13 +385,14 @@ def _to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(frames, 0, 255).astype(np.uint8)
 
 
-def train_transform(frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int,
-                    scale: tuple[float, float] = TRAIN_CROP_SCALE) -> np.ndarray:
+def train_transform(
+    frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int, scale: tuple[float, float] = TRAIN_CROP_SCALE
+) -> np.ndarray:
     """The original `alpro_video_train`: one RandomResizedCrop box (area fraction `scale`, the original's
     0.5–1; ratio 3/4–4/3) for the whole clip, bicubic back to image_size², cast to uint8 (see `_to_uint8`), /255,
     CLIP-normalise. float32 out."""
     top, left, h, w = random_resized_crop_params(frames_uint8.shape[1], frames_uint8.shape[2], rng, scale=scale)
-    crop = frames_uint8[:, top:top + h, left:left + w]
+    crop = frames_uint8[:, top : top + h, left : left + w]
     return normalize(_to_uint8(resize_bicubic(crop, image_size)))
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import numpy as np
@@ -66,30 +66,50 @@ def read_item(kind: str, source, session: Session, with_audio: bool) -> dict:
     if kind == "image":
         frames, _ = video.read_frames_seeking(source, [0], size, name=name)
         return {"frames": video.normalize(frames), "seconds": None, "kind": kind}
-    count = video.count_frames(source) if isinstance(source, str) else records.probe_media(source, "video")["num_frames"]
+    count = (
+        video.count_frames(source) if isinstance(source, str) else records.probe_media(source, "video")["num_frames"]
+    )
     indices, real = video.sample_indices_padded(count, session.num_frames, "uniform")
     frames, fps = video.read_frames_seeking(source, indices, size, name=name)
-    out = {"frames": video.normalize(frames), "seconds": [float(i) / (fps or 1.0) for i in indices[:real]], "kind": kind}
+    out = {
+        "frames": video.normalize(frames),
+        "seconds": [float(i) / (fps or 1.0) for i in indices[:real]],
+        "kind": kind,
+    }
     if with_audio:
         clips, has_audio = audio.load_audio_clips(source, session.config.data.clips_per_video, name=name or "<bytes>")
         out["audio"] = clips  # silence (zeros) when the video has no audio track, as in training
     return out
 
 
-def prompt_ids(session: Session, template: str, question: str | None, kind: str, seconds, with_audio: bool) -> list[int]:
+def prompt_ids(
+    session: Session, template: str, question: str | None, kind: str, seconds, with_audio: bool
+) -> list[int]:
     """Stage 1's prompt ([BOS] + soft tokens) without a question, else the template's first turn."""
     return chat_prompt.first_turn_ids(session, question or "", seconds, with_audio, kind, template)
 
 
-def caption_all(session: Session, items, out_path: Path, question: str | None, with_audio: bool, batch_size: int,
-                max_new_tokens: int, num_beams: int, log=print) -> dict:
+def caption_all(
+    session: Session,
+    items,
+    out_path: Path,
+    question: str | None,
+    with_audio: bool,
+    batch_size: int,
+    max_new_tokens: int,
+    num_beams: int,
+    log=print,
+) -> dict:
     """Caption every item, writing JSONL as batches finish; returns the throughput summary."""
     from tqdm import tqdm
 
     template = "caption" if question is None else session.config.data.get("template", "vicuna")
     end = session.config.data.end_sym if question is None else None
-    cfg = session.generation_config(max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                    stop_sequences=chat_prompt.stop_sequences(session, end, template))
+    cfg = session.generation_config(
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        stop_sequences=chat_prompt.stop_sequences(session, end, template),
+    )
     counts = {"items": 0, "skipped": 0, "tokens": 0}
     started = time.perf_counter()
     generate_seconds = 0.0
@@ -99,9 +119,10 @@ def caption_all(session: Session, items, out_path: Path, question: str | None, w
         nonlocal generate_seconds
         if not pending:
             return
-        ids, mask = left_pad([prompt_ids(session, template, question, x["kind"], x["seconds"], with_audio)
-                              for _, x in pending],
-                             session.generation_config().pad_token_id)
+        ids, mask = left_pad(
+            [prompt_ids(session, template, question, x["kind"], x["seconds"], with_audio) for _, x in pending],
+            session.generation_config().pad_token_id,
+        )
         frames = np.stack([x["frames"] for _, x in pending])
         clips = np.stack([x["audio"] for _, x in pending]) if with_audio else None
         t0 = time.perf_counter()
@@ -132,12 +153,18 @@ def caption_all(session: Session, items, out_path: Path, question: str | None, w
             bar.update(1)
         flush(out)
     seconds = time.perf_counter() - started
-    summary = {**counts, "seconds": round(seconds, 2), "clips_per_second": round(counts["items"] / seconds, 3),
-               "generate_seconds": round(generate_seconds, 2),
-               "generated_tokens_per_second": round(counts["tokens"] / max(generate_seconds, 1e-9), 1)}
-    log(f"captioned {counts['items']} items ({counts['skipped']} skipped) in {seconds:.1f} s: "
+    summary = {
+        **counts,
+        "seconds": round(seconds, 2),
+        "clips_per_second": round(counts["items"] / seconds, 3),
+        "generate_seconds": round(generate_seconds, 2),
+        "generated_tokens_per_second": round(counts["tokens"] / max(generate_seconds, 1e-9), 1),
+    }
+    log(
+        f"captioned {counts['items']} items ({counts['skipped']} skipped) in {seconds:.1f} s: "
         f"{summary['clips_per_second']} clips/s, {summary['generated_tokens_per_second']} generated tokens/s "
-        f"(generation incl. compile); wrote {out_path}")
+        f"(generation incl. compile); wrote {out_path}"
+    )
     return summary
 
 
@@ -149,8 +176,17 @@ def main(argv):
         raise app.UsageError("give exactly one of --videos and --shards")
     session = load_session(_CONFIG.value, _CKPT.value, log=lambda m: print(m, file=sys.stderr))
     items = folder_items(_VIDEOS.value) if _VIDEOS.value else shard_items(_SHARDS.value)
-    summary = caption_all(session, items, Path(_OUT.value), _QUESTION.value, _AUDIO.value, _BATCH.value,
-                          _MAX_NEW.value, _BEAMS.value, log=lambda m: print(m, file=sys.stderr))
+    summary = caption_all(
+        session,
+        items,
+        Path(_OUT.value),
+        _QUESTION.value,
+        _AUDIO.value,
+        _BATCH.value,
+        _MAX_NEW.value,
+        _BEAMS.value,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     print(json.dumps(summary))
 
 

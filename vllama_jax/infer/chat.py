@@ -24,9 +24,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vllama_jax.data.media import audio_clips, image_frames, video_frames
 from vllama_jax.infer import chat_prompt
 from vllama_jax.infer.generate import DEMO, context_start
-from vllama_jax.data.media import audio_clips, image_frames, video_frames
 from vllama_jax.infer.session import Session, decode_tokens, load_session
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_shapes.py", "model / data / mesh config")
@@ -86,11 +86,18 @@ class Chat:
                                                    None if self.clips is None else self.clips[None], cfg, key))
         seconds = time.perf_counter() - started
         length = int(out.lengths[0])
-        answer = chat_prompt.answer_text(self.template, decode_tokens(self.session.tokenizer, out.tokens[0], length), end)
+        answer = chat_prompt.answer_text(
+            self.template, decode_tokens(self.session.tokenizer, out.tokens[0], length), end
+        )
         chat_prompt.record_answer(self.conversation, answer)
-        return {"question": question, "answer": answer, "prompt_tokens": int(ids.shape[1]),
-                "dropped_prompt_tokens": context_start(ids.shape[1], cfg), "new_tokens": length,
-                "seconds": round(seconds, 3)}
+        return {
+            "question": question,
+            "answer": answer,
+            "prompt_tokens": int(ids.shape[1]),
+            "dropped_prompt_tokens": context_start(ids.shape[1], cfg),
+            "new_tokens": length,
+            "seconds": round(seconds, 3),
+        }
 
     def ask_streaming(self, question: str, write=sys.stdout.write) -> str:
         """Answer token by token, writing the text as it grows; returns the post-processed answer."""
@@ -101,8 +108,9 @@ class Chat:
             return answer
         ids, mask = self._prompt(question)
         session = self.session
-        embeds, mask = session.prompt_embeddings(ids, mask, self.frames[None],
-                                                 None if self.clips is None else self.clips[None])
+        embeds, mask = session.prompt_embeddings(
+            ids, mask, self.frames[None], None if self.clips is None else self.clips[None]
+        )
         self.rng, key = jax.random.split(self.rng)
         tokens, shown = [], ""
         for step_tokens in session.stream(embeds, mask, cfg, key):
@@ -110,7 +118,7 @@ class Chat:
             text = session.tokenizer.decode(tokens, skip_special_tokens=True)
             visible = chat_prompt.answer_text(self.template, text, end)  # what the answer is so far
             if visible.startswith(shown) and len(visible) > len(shown):
-                write(visible[len(shown):])
+                write(visible[len(shown) :])
                 sys.stdout.flush()
                 shown = visible
         write("\n")
@@ -144,19 +152,37 @@ def main(argv):
         raise app.UsageError(f"--template {template!r}: expected one of {chat_prompt.TEMPLATE_NAMES}")
     frames, seconds, clips = _media(session)
     # as the demo: sampling unless --greedy, also with beams (then transformers' beam sampling)
-    overrides = dict(max_new_tokens=_MAX_NEW.value, do_sample=not _GREEDY.value, num_beams=_BEAMS.value,
-                     temperature=_TEMPERATURE.value,
-                     top_p=_TOP_P.value, top_k=_TOP_K.value, repetition_penalty=_REPETITION.value,
-                     min_new_tokens=DEMO.min_new_tokens, length_penalty=DEMO.length_penalty,
-                     max_length=_MAX_LENGTH.value)
+    overrides = dict(
+        max_new_tokens=_MAX_NEW.value,
+        do_sample=not _GREEDY.value,
+        num_beams=_BEAMS.value,
+        temperature=_TEMPERATURE.value,
+        top_p=_TOP_P.value,
+        top_k=_TOP_K.value,
+        repetition_penalty=_REPETITION.value,
+        min_new_tokens=DEMO.min_new_tokens,
+        length_penalty=DEMO.length_penalty,
+        max_length=_MAX_LENGTH.value,
+    )
     chat = Chat(session, template, "image" if _IMAGE.value else "video", frames, seconds, clips, overrides, _SEED.value)
     if _QUESTION.value:
         turns = [chat.ask(q) for q in _QUESTION.value]
-        print(json.dumps({"media": _VIDEO.value or _IMAGE.value, "audio": clips is not None, "template": template,
-                          "turns": turns}))
+        print(
+            json.dumps(
+                {
+                    "media": _VIDEO.value or _IMAGE.value,
+                    "audio": clips is not None,
+                    "template": template,
+                    "turns": turns,
+                }
+            )
+        )
         return
-    print(f"Video-LLaMA ({_CONFIG.value.name}, {template} template) is ready: ask about "
-          f"{_VIDEO.value or _IMAGE.value}. /reset starts again, /quit leaves.", file=sys.stderr)
+    print(
+        f"Video-LLaMA ({_CONFIG.value.name}, {template} template) is ready: ask about "
+        f"{_VIDEO.value or _IMAGE.value}. /reset starts again, /quit leaves.",
+        file=sys.stderr,
+    )
     while True:
         try:
             question = input("USER: ").strip()

@@ -105,7 +105,9 @@ def answer_prompt_ids(session, conv: Conversation, question: str) -> list[int]:
     return segment_ids(session.tokenizer, render(conv), counts)
 
 
-def first_turn_ids(session, question: str, seconds, with_audio: bool, kind: str = "video", template: str | None = None) -> list[int]:
+def first_turn_ids(
+    session, question: str, seconds, with_audio: bool, kind: str = "video", template: str | None = None
+) -> list[int]:
     """The prompt ids for one question about fresh media (vllama-caption --question)."""
     template = template or session.config.data.get("template", "vicuna")
     return answer_prompt_ids(session, new_conversation(template, kind, seconds, with_audio), question)
@@ -125,7 +127,7 @@ def stop_sequences(session, end: str | None, template: str | None = None) -> tup
         glued = tok(before + stop, add_special_tokens=False)["input_ids"]
         alone = tok(before, add_special_tokens=False)["input_ids"]
         if glued[: len(alone)] == alone:
-            seqs.add(tuple(glued[len(alone):]))
+            seqs.add(tuple(glued[len(alone) :]))
     return tuple(sorted(s for s in seqs if s))
 
 
@@ -140,4 +142,3 @@ def answer_text(template: str, generated: str, end: str | None = None) -> str:
     if template != "caption":
         out = out.split(ROLES[template][1] + ":")[-1]
     return out.strip()
-

@@ -90,7 +90,9 @@ def process_logits(logits, seen, step, cfg: GenerationConfig):
         penalised = jnp.where(logits < 0, logits * cfg.repetition_penalty, logits / cfg.repetition_penalty)
         logits = jnp.where(seen, penalised, logits)
     if cfg.min_new_tokens > 0:
-        logits = jnp.where((step < cfg.min_new_tokens) & (jnp.arange(logits.shape[-1]) == cfg.eos_token_id), -jnp.inf, logits)
+        logits = jnp.where(
+            (step < cfg.min_new_tokens) & (jnp.arange(logits.shape[-1]) == cfg.eos_token_id), -jnp.inf, logits
+        )
     return logits
 
 
@@ -121,8 +123,14 @@ def _hits_stop(tokens, step, last_token, cfg: GenerationConfig):
 
 
 def _llm_step(llm: LlamaForCausalLM, params, cache, embeds, mask, positions):
-    logits, variables = llm.apply({"params": params, "cache": cache}, inputs_embeds=embeds, padding_mask=mask,
-                                  positions=positions, decode=True, mutable=["cache"])
+    logits, variables = llm.apply(
+        {"params": params, "cache": cache},
+        inputs_embeds=embeds,
+        padding_mask=mask,
+        positions=positions,
+        decode=True,
+        mutable=["cache"],
+    )
     return logits[:, -1], variables["cache"]
 
 
@@ -139,8 +147,17 @@ def _prompt_seen(prompt_ids, prompt_mask, vocab: int):
     return jnp.any(hits, axis=1)
 
 
-def start(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: GenerationConfig, rng=None,
-          *, prompt_ids=None, return_logits: bool = False) -> dict:
+def start(
+    llm: LlamaForCausalLM,
+    params,
+    prompt_embeds,
+    prompt_mask,
+    cfg: GenerationConfig,
+    rng=None,
+    *,
+    prompt_ids=None,
+    return_logits: bool = False,
+) -> dict:
     """Prefill: the decoding state after the prompt (cache filled, first token's logits ready)."""
     if cfg.do_sample and rng is None:
         raise ValueError("sampling (do_sample=True) needs an rng key")
@@ -181,8 +198,14 @@ def advance(llm: LlamaForCausalLM, params, state: dict, cfg: GenerationConfig, *
     token = jnp.where(state["done"], cfg.pad_token_id, token).astype(jnp.int32)
     tokens = state["tokens"].at[:, step].set(token)
     all_logits = state["all_logits"].at[:, step].set(state["logits"]) if return_logits else state["all_logits"]
-    logits, cache = _llm_step(llm, params, state["cache"], _embed(llm, params, token[:, None]),
-                              jnp.ones((batch, 1), bool), state["next_position"][:, None])
+    logits, cache = _llm_step(
+        llm,
+        params,
+        state["cache"],
+        _embed(llm, params, token[:, None]),
+        jnp.ones((batch, 1), bool),
+        state["next_position"][:, None],
+    )
     return dict(
         step=step + 1,
         cache=cache,
@@ -197,8 +220,17 @@ def advance(llm: LlamaForCausalLM, params, state: dict, cfg: GenerationConfig, *
     )
 
 
-def generate(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: GenerationConfig, rng=None,
-             *, prompt_ids=None, return_logits: bool = False) -> Generated:
+def generate(
+    llm: LlamaForCausalLM,
+    params,
+    prompt_embeds,
+    prompt_mask,
+    cfg: GenerationConfig,
+    rng=None,
+    *,
+    prompt_ids=None,
+    return_logits: bool = False,
+) -> Generated:
     """Generate after left-padded prompt embeddings (B, P, hidden) with mask (B, P); jit it with `cfg` static.
 
     `params` are the LLM's (Video-LLaMA's `params["llama_model"]`). `rng` is needed only when sampling.
@@ -208,8 +240,9 @@ def generate(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: Gen
     if cfg.num_beams > 1:
         return beam_search(llm, params, prompt_embeds, prompt_mask, cfg, rng, prompt_ids=prompt_ids)
     state = start(llm, params, prompt_embeds, prompt_mask, cfg, rng, prompt_ids=prompt_ids, return_logits=return_logits)
-    state = jax.lax.while_loop(lambda s: unfinished(s, cfg),
-                               lambda s: advance(llm, params, s, cfg, return_logits=return_logits), state)
+    state = jax.lax.while_loop(
+        lambda s: unfinished(s, cfg), lambda s: advance(llm, params, s, cfg, return_logits=return_logits), state
+    )
     return Generated(state["tokens"], state["lengths"], None, state["all_logits"] if return_logits else None)
 
 
@@ -248,8 +281,9 @@ def _reorder_cache(cache, rows, scanned: bool):
     return jax.tree_util.tree_map(gather, cache)
 
 
-def beam_search(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: GenerationConfig, rng=None,
-                *, prompt_ids=None) -> Generated:
+def beam_search(
+    llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: GenerationConfig, rng=None, *, prompt_ids=None
+) -> Generated:
     """transformers' vectorised beam search (early_stopping=False, one EOS id), on the cached decoder.
 
     Per step: log-softmax → processors → add each beam's running score → the best 2K of K × vocab candidates
@@ -336,12 +370,25 @@ def beam_search(llm: LlamaForCausalLM, params, prompt_embeds, prompt_mask, cfg: 
         seen = s["seen"][rows] | jax.nn.one_hot(new_tokens, vocab, dtype=bool)
         cache = _reorder_cache(s["cache"], rows, llm.config.scan_layers)
         position = s["next_position"]  # the beams of one request share their positions
-        logits, cache = _llm_step(llm, params, cache, _embed(llm, params, new_tokens[:, None]),
-                                  jnp.ones((flat, 1), bool), position[:, None])
-        return dict(step=step + 1, cache=cache, logits=logits.astype(jnp.float32), running=running,
-                    running_scores=running_scores, finished=finished, finished_scores=finished_scores,
-                    finished_lengths=finished_lengths, is_finished=is_finished, seen=seen, improvable=improvable,
-                    all_stopped=jnp.all(stops), next_position=position + 1, rng=rng)
+        logits, cache = _llm_step(
+            llm, params, cache, _embed(llm, params, new_tokens[:, None]), jnp.ones((flat, 1), bool), position[:, None]
+        )
+        return dict(
+            step=step + 1,
+            cache=cache,
+            logits=logits.astype(jnp.float32),
+            running=running,
+            running_scores=running_scores,
+            finished=finished,
+            finished_scores=finished_scores,
+            finished_lengths=finished_lengths,
+            is_finished=is_finished,
+            seen=seen,
+            improvable=improvable,
+            all_stopped=jnp.all(stops),
+            next_position=position + 1,
+            rng=rng,
+        )
 
     state = jax.lax.while_loop(keep_going, one_token, state)
     return Generated(state["finished"][:, 0], state["finished_lengths"][:, 0], state["finished_scores"][:, 0], None)

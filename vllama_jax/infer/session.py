@@ -20,7 +20,7 @@ from vllama_jax import sharded_model, sharding
 from vllama_jax.config import model_config
 from vllama_jax.constants import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from vllama_jax.data.tokenizer import load_tokenizer
-from vllama_jax.infer.generate import GenerationConfig, Generated, generate, make_stream, video_llama_prompt
+from vllama_jax.infer.generate import Generated, GenerationConfig, generate, make_stream, video_llama_prompt
 from vllama_jax.models.llama import LlamaForCausalLM
 from vllama_jax.models.video_llama import VideoLlama
 
@@ -124,8 +124,11 @@ def load_session(config, ckpt: str | None = None, log=print) -> Session:
     if not tokenizer_dir:
         raise FileNotFoundError("no tokenizer: set data.tokenizer or pass a run directory holding tokenizer/")
     tokenizer = load_tokenizer(tokenizer_dir)
-    model_cfg = dataclasses.replace(model_config(config), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-                                    audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER))
+    model_cfg = dataclasses.replace(
+        model_config(config),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER),
+    )
     sharded = sharded_model.from_config(config, model_cfg)
     frozen_dir = config.train.frozen_checkpoint or _ckpt_file(ckpt_dir, "frozen")
     with sharded.on_mesh():
@@ -166,11 +169,10 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), bool)
     for i, row in enumerate(rows):
-        ids[i, length - len(row):] = row
-        mask[i, length - len(row):] = True
+        ids[i, length - len(row) :] = row
+        mask[i, length - len(row) :] = True
     return ids, mask
 
 
 def decode_tokens(tokenizer, tokens, length: int) -> str:
     return tokenizer.decode([int(t) for t in np.asarray(tokens)[:length]], skip_special_tokens=True)
-

@@ -8,6 +8,7 @@ Input frames are NHWC (B, H, W, 3), normalised with the CLIP mean/std; output is
 from __future__ import annotations
 
 import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

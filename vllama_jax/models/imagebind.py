@@ -114,7 +114,9 @@ class MultiheadAttention(nn.Module):
             k = jnp.concatenate([k, extra[0]], axis=1)
             v = jnp.concatenate([v, extra[1]], axis=1)
         out = layers.attention(q, k, v)
-        return layers.dense(cfg.width, ("heads", "kv", "embed"), name="out_proj", num_in=2, kernel_init=OUT_PROJ_INIT, **kw)(out)
+        return layers.dense(
+            cfg.width, ("heads", "kv", "embed"), name="out_proj", num_in=2, kernel_init=OUT_PROJ_INIT, **kw
+        )(out)
 
 
 class ImageBindBlock(nn.Module):
@@ -158,7 +160,10 @@ class ImageBindTower(nn.Module):
         dtype, param_dtype = kw["dtype"], kw["param_dtype"]
         expected = (*cfg.input_size, cfg.in_channels) if cfg.modality == "vision" else tuple(cfg.input_size)
         if tuple(inputs.shape[1:]) != expected:
-            raise ValueError(f"ImageBind {cfg.modality} tower expects inputs (N, {', '.join(map(str, expected))}), got {inputs.shape}")
+            raise ValueError(
+                f"ImageBind {cfg.modality} tower expects inputs (N, {', '.join(map(str, expected))}), "
+                f"got {inputs.shape}"
+            )
         x = inputs.astype(dtype)
         if cfg.modality == "audio":
             x = x[..., None]  # (N, mel, time, 1)
@@ -172,19 +177,26 @@ class ImageBindTower(nn.Module):
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=layers.param_init(layers.torch_linear_uniform(cfg.in_channels * math.prod(cfg.kernel_size)),
-                                          (None,) * (len(cfg.kernel_size) + 1) + ("embed",)),
+            kernel_init=layers.param_init(
+                layers.torch_linear_uniform(cfg.in_channels * math.prod(cfg.kernel_size)),
+                (None,) * (len(cfg.kernel_size) + 1) + ("embed",),
+            ),
             name="stem",
         )(x)
         tokens = patches.reshape(patches.shape[0], -1, cfg.width)
         if cfg.stem_norm_eps:
             tokens = layers.layer_norm(cfg.stem_norm_eps, name="stem_norm", **kw)(tokens)
         scale = cfg.width**-0.5  # the original's "openclip" init: N(0, 1) × width^-1/2
-        cls_token = self.param("cls_token", layers.param_init(layers.normal(scale), (None, None, "embed")),
-                               (1, 1, cfg.width), param_dtype)
+        cls_token = self.param(
+            "cls_token", layers.param_init(layers.normal(scale), (None, None, "embed")), (1, 1, cfg.width), param_dtype
+        )
         pos_std = cfg.pos_embed_init_std or scale
-        pos_embed = self.param("pos_embed", layers.param_init(layers.normal(pos_std), (None, None, "embed")),
-                               (1, cfg.num_patches + 1, cfg.width), param_dtype)
+        pos_embed = self.param(
+            "pos_embed",
+            layers.param_init(layers.normal(pos_std), (None, None, "embed")),
+            (1, cfg.num_patches + 1, cfg.width),
+            param_dtype,
+        )
         batch = tokens.shape[0]
         cls = jnp.broadcast_to(jnp.asarray(cls_token, dtype), (batch, 1, cfg.width))
         x = jnp.concatenate([cls, tokens], axis=1) + jnp.asarray(pos_embed, dtype)
@@ -192,13 +204,25 @@ class ImageBindTower(nn.Module):
             x = layers.layer_norm(cfg.layer_norm_eps, name="pre_norm", **kw)(x)
         x = nn.with_logical_constraint(x, layers.BATCH_LENGTH_EMBED)
         blocks = layers.stack_layers(
-            ImageBindBlock, cfg.num_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, name="blocks",
-            num_broadcast_args=0, config=cfg, deterministic=deterministic,
+            ImageBindBlock,
+            cfg.num_layers,
+            scan=cfg.scan_layers,
+            remat_policy=cfg.remat_policy,
+            name="blocks",
+            num_broadcast_args=0,
+            config=cfg,
+            deterministic=deterministic,
         )
         x, _ = blocks((x, jnp.zeros((), jnp.float32)))
         feature = layers.layer_norm(cfg.layer_norm_eps, name="head_norm", **kw)(x)[:, 0]
-        embedding = layers.dense(cfg.out_dim, ("embed", "qformer_embed"), name="head", use_bias=False,
-                                 kernel_init=layers.torch_linear_uniform(cfg.width), **kw)(feature)
+        embedding = layers.dense(
+            cfg.out_dim,
+            ("embed", "qformer_embed"),
+            name="head",
+            use_bias=False,
+            kernel_init=layers.torch_linear_uniform(cfg.width),
+            **kw,
+        )(feature)
         embedding = embedding.astype(jnp.float32)
         # torch.nn.functional.normalize: x / max(||x||, 1e-12)
         embedding = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=-1, keepdims=True), 1e-12)
@@ -215,7 +239,10 @@ class ImageBindEncoder(nn.Module):
     vision: ImageBindTowerConfig = VISION_HUGE
 
     def setup(self):
-        self.towers = {"audio": ImageBindTower(self.audio, name="audio"), "vision": ImageBindTower(self.vision, name="vision")}
+        self.towers = {
+            "audio": ImageBindTower(self.audio, name="audio"),
+            "vision": ImageBindTower(self.vision, name="vision"),
+        }
 
     def __call__(self, inputs, modality: str, deterministic: bool = True):
         """inputs (B, S, ...) (S clips or frames) -> (feature (B, S, width), embedding (B, S, out_dim))."""

@@ -6,7 +6,8 @@ maps those names to mesh axes. No module here knows about a mesh.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -66,11 +67,13 @@ class DenseGeneral(nn.Module):
     @nn.compact
     def __call__(self, x):
         in_shape = x.shape[x.ndim - self.num_in:]
-        kernel = self.param("kernel", param_init(self.kernel_init, self.axes), (*in_shape, *self.features), self.param_dtype)
+        kernel = self.param(
+            "kernel", param_init(self.kernel_init, self.axes), (*in_shape, *self.features), self.param_dtype
+        )
         contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), (contract, ((), ())))
         if self.use_bias:
-            bias_axes = self.axes[len(self.axes) - len(self.features):]
+            bias_axes = self.axes[len(self.axes) - len(self.features) :]
             bias = self.param("bias", param_init(self.bias_init, bias_axes), self.features, self.param_dtype)
             y = y + jnp.asarray(bias, self.dtype)
         return y

@@ -45,16 +45,27 @@ class LlamaConfig:
 # The LLMs Video-LLaMA and Video-LLaVA read (vocabulary 32000 for all; LLaMA-1-based Vicuna v0 uses RMSNorm eps
 # 1e-6, LLaMA-2 and Vicuna v1.5 1e-5), and the tiny one every CPU test and the CPU demo use.
 SIZES = {
-    "vicuna_7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-                             rms_norm_eps=1e-6),
-    "vicuna_13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40,
-                              rms_norm_eps=1e-6),
-    "llama2_7b_chat": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                                  num_kv_heads=32, rms_norm_eps=1e-5),
-    "llama2_13b_chat": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
-                                   num_kv_heads=40, rms_norm_eps=1e-5),
-    "tiny": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                        rms_norm_eps=1e-5),
+    "vicuna_7b": LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, rms_norm_eps=1e-6
+    ),
+    "vicuna_13b": LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, rms_norm_eps=1e-6
+    ),
+    "llama2_7b_chat": LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5
+    ),
+    "llama2_13b_chat": LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, rms_norm_eps=1e-5
+    ),
+    "tiny": LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 
@@ -120,7 +131,9 @@ class LlamaAttention(nn.Module):
         if not initialized:  # the init call only creates the cache shapes
             return k, v, padding_mask, jnp.arange(length)
         index = cache_index.value
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), (0, index, 0, 0))
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, k.astype(cached_key.value.dtype), (0, index, 0, 0)
+        )
         cached_value.value = jax.lax.dynamic_update_slice(
             cached_value.value, v.astype(cached_value.value.dtype), (0, index, 0, 0)
         )
@@ -227,5 +240,7 @@ class LlamaForCausalLM(nn.Module):
 def init_cache(model: LlamaForCausalLM, params: Any, batch_size: int, max_length: int):
     """A zero KV cache of `max_length` slots for `batch_size` rows (shapes only; no forward pass is run)."""
     ids = jnp.zeros((batch_size, max_length), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.apply({"params": params}, ids, positions=ids, decode=True, mutable=["cache"])[1])
+    shapes = jax.eval_shape(
+        lambda: model.apply({"params": params}, ids, positions=ids, decode=True, mutable=["cache"])[1]
+    )
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])

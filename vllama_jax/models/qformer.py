@@ -105,7 +105,9 @@ class QFormerGroup(nn.Module):
     @nn.compact
     def __call__(self, x, encoder_states, encoder_mask):
         for i in range(self.config.cross_attention_freq):
-            x = QFormerLayer(self.config, i == 0, self.deterministic, name=f"layer_{i}")(x, encoder_states, encoder_mask)
+            x = QFormerLayer(self.config, i == 0, self.deterministic, name=f"layer_{i}")(
+                x, encoder_states, encoder_mask
+            )
         return nn.with_logical_constraint(x, layers.BATCH_LENGTH_EMBED), None
 
 

@@ -60,7 +60,7 @@ class VideoLlamaConfig:
     param_dtype: str = "float32"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VideoLlamaConfig":
+    def from_dict(cls, d: dict) -> VideoLlamaConfig:
         """Nested dicts override the field's default (so `imagebind_vision=dict(width=32)` keeps the vision layout)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(d) - set(fields)
@@ -74,7 +74,9 @@ class VideoLlamaConfig:
                 bad = set(value) - known
                 if bad:
                     raise ValueError(f"unknown keys {sorted(bad)} in model.{key}; known: {sorted(known)}")
-                value = dataclasses.replace(default, **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+                value = dataclasses.replace(
+                    default, **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                )
             kwargs[key] = value
         return cls(**kwargs)
 
@@ -105,16 +107,23 @@ class Branch:
 
     def __post_init__(self):
         if self.name not in BRANCHES or self.audio_source not in AUDIO_SOURCES:
-            raise ValueError(f"branch {self.name!r} / audio_source {self.audio_source!r}: expected one of {BRANCHES} / "
-                             f"{AUDIO_SOURCES}")
+            raise ValueError(
+                f"branch {self.name!r} / audio_source {self.audio_source!r}: expected one of {BRANCHES} / "
+                f"{AUDIO_SOURCES}"
+            )
         if self.name == "audio_visual" and self.audio_source != "fbank":
-            raise ValueError("branch 'audio_visual' reads the frames and the audio track: set data.audio_source='fbank'")
+            raise ValueError(
+                "branch 'audio_visual' reads the frames and the audio track: set data.audio_source='fbank'"
+            )
 
     @property
     def trainable(self) -> tuple[str, ...]:
         """The top-level parameter subtrees the stage trains."""
-        return {"visual": VISUAL_TRAINABLE, "audio": AUDIO_TRAINABLE,
-                "audio_visual": VISUAL_TRAINABLE + AUDIO_TRAINABLE}[self.name]
+        return {
+            "visual": VISUAL_TRAINABLE,
+            "audio": AUDIO_TRAINABLE,
+            "audio_visual": VISUAL_TRAINABLE + AUDIO_TRAINABLE,
+        }[self.name]
 
     @property
     def audio_modality(self) -> str:
@@ -130,12 +139,16 @@ class Branch:
         arguments) the step reads, with `frame_mask` wherever frames feed a branch (an image's copies masked)."""
         frames_to_audio = self.audio_modality == "vision"
         if cached:
-            return {"visual": ("video_features", "frame_mask"),
-                    "audio": ("audio_features", "frame_mask") if frames_to_audio else ("audio_features",),
-                    "audio_visual": ("video_features", "frame_mask", "audio_features")}[self.name]
-        return {"visual": ("frames", "frame_mask"),
-                "audio": ("frames", "frame_mask") if frames_to_audio else ("audio",),
-                "audio_visual": ("frames", "frame_mask", "audio")}[self.name]
+            return {
+                "visual": ("video_features", "frame_mask"),
+                "audio": ("audio_features", "frame_mask") if frames_to_audio else ("audio_features",),
+                "audio_visual": ("video_features", "frame_mask", "audio_features"),
+            }[self.name]
+        return {
+            "visual": ("frames", "frame_mask"),
+            "audio": ("frames", "frame_mask") if frames_to_audio else ("audio",),
+            "audio_visual": ("frames", "frame_mask", "audio"),
+        }[self.name]
 
     def batch_keys(self, cached: bool = False) -> tuple[str, ...]:
         """Every batch array the train step reads: the media (or cached features) and the text."""
@@ -145,8 +158,11 @@ class Branch:
         """Keyword arguments of `VideoLlama.encode` / `__call__` taken from a batch (of media, or of the frozen
         towers' cached outputs when `cached`). A batch without `frame_mask` has every frame real."""
         keys = self.media_keys(cached)
-        inputs = {"frames": None, "audio_modality": self.audio_modality,
-                  "frame_mask": batch.get("frame_mask") if "frame_mask" in keys else None}
+        inputs = {
+            "frames": None,
+            "audio_modality": self.audio_modality,
+            "frame_mask": batch.get("frame_mask") if "frame_mask" in keys else None,
+        }
         if cached:
             return {**inputs, **{k: batch[k] for k in keys if k != "frame_mask"}}
         if self.name in ("visual", "audio_visual"):
@@ -184,7 +200,8 @@ class VideoLlama(nn.Module):
         self.video_frame_position_embedding = _position_embedding(cfg.max_frame_pos, qformer_width, dtype, param_dtype)
         self.video_Qformer = QFormer(cfg.video_qformer)
         self.video_query_tokens = self._query_tokens(
-            "video_query_tokens", cfg.num_video_query_tokens, cfg.video_qformer.hidden_size)
+            "video_query_tokens", cfg.num_video_query_tokens, cfg.video_qformer.hidden_size
+        )
         self.llama_proj = _projection(cfg.video_qformer.hidden_size, cfg.llm.hidden_size, dtype, param_dtype)
         self.llama_model = LlamaForCausalLM(cfg.llm)
         if cfg.equip_audio_branch:
@@ -203,7 +220,8 @@ class VideoLlama(nn.Module):
         self.audio_position_embedding = _position_embedding(cfg.max_audio_pos, embed_dim, dtype, param_dtype)
         self.audio_Qformer = QFormer(cfg.audio_qformer)
         self.audio_query_tokens = self._query_tokens(
-            "audio_query_tokens", cfg.num_audio_query_tokens, cfg.audio_qformer.hidden_size)
+            "audio_query_tokens", cfg.num_audio_query_tokens, cfg.audio_qformer.hidden_size
+        )
         self.audio_llama_proj = _projection(cfg.audio_qformer.hidden_size, cfg.llm.hidden_size, dtype, param_dtype)
 
     def _query_tokens(self, name: str, count: int, width: int):
@@ -257,8 +275,9 @@ class VideoLlama(nn.Module):
         _, embeddings = self.audio_encoder(inputs, modality, deterministic=deterministic)
         return embeddings
 
-    def encode_audio(self, inputs=None, modality: str = "audio", deterministic: bool = True, *, features=None,
-                     frame_mask=None):
+    def encode_audio(
+        self, inputs=None, modality: str = "audio", deterministic: bool = True, *, features=None, frame_mask=None
+    ):
         """fbank clips or frames (see `audio_features`), or their `audio_features` -> audio soft tokens
         (B, num_audio_query_tokens, LLM hidden). frame_mask (B, S) bool, None = all: the clips or frames the audio
         Q-Former reads (the audio stages' image: frame 0 of its copies, as `encode_video`)."""
@@ -275,18 +294,33 @@ class VideoLlama(nn.Module):
         audio_hidden = self.audio_Qformer(query, embeddings, encoder_mask, deterministic=deterministic)
         return self.audio_llama_proj(audio_hidden)
 
-    def encode(self, frames=None, audio=None, audio_modality: str = "audio", deterministic: bool = True, *,
-               video_features=None, audio_features=None, frame_mask=None) -> dict:
+    def encode(
+        self,
+        frames=None,
+        audio=None,
+        audio_modality: str = "audio",
+        deterministic: bool = True,
+        *,
+        video_features=None,
+        audio_features=None,
+        frame_mask=None,
+    ) -> dict:
         """{"video": soft tokens, "audio": soft tokens} for whichever inputs are given (media, or the frozen
         towers' outputs from the feature cache). `frame_mask` (B, T) marks the real frames wherever frames go:
         to the visual branch, and to the audio branch when it reads them (`audio_modality="vision"`)."""
         soft = {}
         if frames is not None or video_features is not None:
-            soft["video"] = self.encode_video(frames, deterministic=deterministic, features=video_features,
-                                              frame_mask=frame_mask)
+            soft["video"] = self.encode_video(
+                frames, deterministic=deterministic, features=video_features, frame_mask=frame_mask
+            )
         if audio is not None or audio_features is not None:
-            soft["audio"] = self.encode_audio(audio, audio_modality, deterministic=deterministic, features=audio_features,
-                                              frame_mask=frame_mask if audio_modality == "vision" else None)
+            soft["audio"] = self.encode_audio(
+                audio,
+                audio_modality,
+                deterministic=deterministic,
+                features=audio_features,
+                frame_mask=frame_mask if audio_modality == "vision" else None,
+            )
         return soft
 
     def splice(self, input_ids, soft_tokens=None, audio_soft_tokens=None):
@@ -297,26 +331,47 @@ class VideoLlama(nn.Module):
         is_audio = input_ids == cfg.audio_token_id
         # in the activations' layout (rows over the batch axes) before the gathers, which would otherwise start
         # from the weights' layout and make XLA replicate the tensor to re-partition it
-        text_embeds = nn.with_logical_constraint(self.llama_model.embed(jnp.where(is_image | is_audio, 0, input_ids)),
-                                                 layers.BATCH_LENGTH_EMBED)
-        soft_tokens, audio_soft_tokens = (None if x is None else nn.with_logical_constraint(x, layers.BATCH_LENGTH_EMBED)
-                                          for x in (soft_tokens, audio_soft_tokens))
+        text_embeds = nn.with_logical_constraint(
+            self.llama_model.embed(jnp.where(is_image | is_audio, 0, input_ids)), layers.BATCH_LENGTH_EMBED
+        )
+        soft_tokens, audio_soft_tokens = (
+            None if x is None else nn.with_logical_constraint(x, layers.BATCH_LENGTH_EMBED)
+            for x in (soft_tokens, audio_soft_tokens)
+        )
         if soft_tokens is not None:
             text_embeds = splice_soft_tokens(text_embeds, is_image, soft_tokens.astype(text_embeds.dtype))
         if audio_soft_tokens is not None:
             text_embeds = splice_soft_tokens(text_embeds, is_audio, audio_soft_tokens.astype(text_embeds.dtype))
         return text_embeds
 
-    def __call__(self, frames, input_ids, padding_mask=None, deterministic: bool = True, *, audio=None,
-                 audio_modality: str = "audio", video_features=None, audio_features=None, frame_mask=None):
+    def __call__(
+        self,
+        frames,
+        input_ids,
+        padding_mask=None,
+        deterministic: bool = True,
+        *,
+        audio=None,
+        audio_modality: str = "audio",
+        video_features=None,
+        audio_features=None,
+        frame_mask=None,
+    ):
         """-> (logits (B, S, vocab) float32, {"video": soft tokens, "audio": soft tokens} for the branches run).
 
         frames (or None) feed the visual branch; audio (or None) the audio branch, read as `audio_modality`;
         video_features / audio_features replace them with the frozen towers' cached outputs; frame_mask (B, T)
         marks the real frames (`encode`; None = all).
         """
-        soft = self.encode(frames, audio, audio_modality, deterministic=deterministic,
-                           video_features=video_features, audio_features=audio_features, frame_mask=frame_mask)
+        soft = self.encode(
+            frames,
+            audio,
+            audio_modality,
+            deterministic=deterministic,
+            video_features=video_features,
+            audio_features=audio_features,
+            frame_mask=frame_mask,
+        )
         inputs_embeds = self.splice(input_ids, soft.get("video"), soft.get("audio"))
         logits = self.llama_model(inputs_embeds=inputs_embeds, padding_mask=padding_mask)
         return logits, soft
@@ -335,7 +390,9 @@ def _encoder_mask(frame_mask, batch: int, num_frames: int, tokens_per_frame: int
     if frame_mask is None:
         return None
     if tuple(frame_mask.shape) != (batch, num_frames):
-        raise ValueError(f"frame_mask has shape {tuple(frame_mask.shape)}, expected (batch, frames) = {(batch, num_frames)}")
+        raise ValueError(
+            f"frame_mask has shape {tuple(frame_mask.shape)}, expected (batch, frames) = {(batch, num_frames)}"
+        )
     return jnp.repeat(jnp.asarray(frame_mask, bool), tokens_per_frame, axis=1)
 
 
@@ -348,8 +405,15 @@ def _position_embedding(count: int, width: int, dtype, param_dtype) -> nn.Embed:
 def _projection(in_width: int, out_width: int, dtype, param_dtype):
     """A Q-Former → LLM projection (nn.Linear in the original, with its default uniform init)."""
     init = layers.torch_linear_uniform(in_width)
-    return layers.dense(out_width, ("qformer_embed", "embed"), name=None, dtype=dtype, param_dtype=param_dtype,
-                        kernel_init=init, bias_init=init)
+    return layers.dense(
+        out_width,
+        ("qformer_embed", "embed"),
+        name=None,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=init,
+        bias_init=init,
+    )
 
 
 def init_inputs(config: VideoLlamaConfig, frame_size: int | None = None) -> dict:

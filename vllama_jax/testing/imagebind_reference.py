@@ -60,8 +60,9 @@ TINY = dict(  # every modality small; the vision preprocessor is fixed at 224 px
 def tiny_imagebind(seed: int = 0, **overrides):
     """A random tiny ImageBindModel (all six modalities, as the real file holds), in eval mode, and its
     tower configs for our model."""
-    from vllama_jax.models.imagebind import AUDIO_HUGE, VISION_HUGE
     import dataclasses
+
+    from vllama_jax.models.imagebind import AUDIO_HUGE, VISION_HUGE
 
     kwargs = {**TINY, **overrides}
     torch.manual_seed(seed)
@@ -92,3 +93,69 @@ def get_audio_feature(model, inputs, modality: str):
     feature = model.modality_heads[modality][:-1](trunk, **pre["head"])
     embedding = model.modality_postprocessors[modality](model.modality_heads[modality][-1:](feature, **pre["head"]))
     return feature.reshape(batch, count, -1), embedding.reshape(batch, count, -1)
+
+
+class TorchAudioBranch(torch.nn.Module):
+    """The original `encode_audioQformer` composed from the real parts: ImageBind's `get_audio_feature` → +
+    nn.Embedding(8, 1024-analog) → Q-Former (transformers' Blip2QFormerModel) → Linear."""
+
+    def __init__(self, imagebind, embed_dim, hidden, llm_hidden, num_queries):
+        from vllama_jax.testing import torch_reference as ref
+
+        super().__init__()
+        self.audio_encoder = imagebind
+        self.audio_position_embedding = torch.nn.Embedding(8, embed_dim)
+        self.audio_Qformer = ref.qformer_model(hidden=hidden, layers=2, encoder_width=embed_dim, freq=1, seed=3)
+        self.audio_query_tokens = torch.nn.Parameter(0.02 * torch.randn(1, num_queries, hidden))
+        self.audio_llama_proj = torch.nn.Linear(hidden, llm_hidden)
+
+    def forward(self, inputs, modality):
+        _, embedding = get_audio_feature(self.audio_encoder, inputs, modality)
+        embedding = embedding + self.audio_position_embedding(torch.arange(inputs.shape[1]))[None]
+        query = self.audio_query_tokens.expand(inputs.shape[0], -1, -1)
+        hidden = self.audio_Qformer(query_embeds=query, encoder_hidden_states=embedding).last_hidden_state
+        return self.audio_llama_proj(hidden)
+
+    def original_state_dict(self):
+        from vllama_jax.testing import torch_reference as ref
+
+        state = {f"audio_encoder.{k}": v.numpy() for k, v in self.audio_encoder.state_dict().items()}
+        state.update(ref.qformer_state_dict(self.audio_Qformer, prefix="audio_Qformer."))
+        for name in ("audio_position_embedding.weight", "audio_query_tokens", "audio_llama_proj.weight",
+                     "audio_llama_proj.bias"):
+            state[name] = self.state_dict()[name].numpy()
+        return state
+
+
+AUDIO_PREFIXES = ("audio_encoder.", "audio_position_embedding.", "audio_Qformer.", "audio_query_tokens",
+                  "audio_llama_proj.")
+
+
+def tiny_audio_model(base_config, seed: int = 0):
+    """Tiny Video-LLaMA (`base_config`, a ModelConfig) with the audio branch sized like `tiny_imagebind`, its
+    audio weights loaded from a random PyTorch twin: (config, model, params, torch_branch)."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from vllama_jax.convert.video_llama import UNUSED_KEYS, load_state_dict, scanned_subtrees, video_llama_rules
+    from vllama_jax.models.video_llama import VideoLlama, init_params
+
+    torch_imagebind, audio_cfg, vision_cfg = tiny_imagebind(seed=seed)
+    cfg = dataclasses.replace(base_config, equip_audio_branch=True, imagebind_audio=audio_cfg,
+                              imagebind_vision=vision_cfg, num_audio_query_tokens=8,
+                              image_token_id=510, audio_token_id=511)
+    torch.manual_seed(5)
+    torch_branch = TorchAudioBranch(torch_imagebind, 48, base_config.audio_qformer.hidden_size,
+                                    base_config.llm.hidden_size, 8).eval()
+    model = VideoLlama(cfg)
+    params = jax.jit(lambda: nn.unbox(init_params(model, jax.random.key(0))))()
+    params = jax.tree_util.tree_map(np.asarray, params)
+    audio_names = [k for k in params if k.startswith("audio_")]
+    rules = [r for r in video_llama_rules(cfg) if r.source.startswith(AUDIO_PREFIXES)]
+    scanned = [s for s in scanned_subtrees(cfg) if s[0].startswith("audio_")]
+    loaded = load_state_dict(torch_branch.original_state_dict(), rules, {k: params[k] for k in audio_names}, scanned,
+                             ignore=UNUSED_KEYS)
+    return cfg, model, {**params, **loaded}, torch_branch

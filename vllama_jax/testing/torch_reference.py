@@ -141,6 +141,25 @@ def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+TOL = 1e-5  # the parity bound: max abs difference from the PyTorch reference, float32
+
+
+def report(name: str, err: float, tol: float = TOL) -> None:
+    """Print a parity figure (`pytest -s -k parity` shows them) and check it against the bound."""
+    print(f"[parity] {name}: max abs diff {err:.2e}")
+    assert err <= tol, f"{name}: {err}"
+
+
+def load(module, sample_args, state: dict, rules, scanned=()) -> dict:
+    """Our parameters for `module` from an original-layout state dict, through the converter's rules."""
+    import jax
+
+    from vllama_jax.convert.video_llama import load_state_dict
+
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *sample_args)["params"])
+    return load_state_dict(state, rules, abstract, scanned, source_name="test state dict")
+
+
 # ---- the visual branch ----
 
 class TorchVideoLlama(torch.nn.Module):
@@ -151,12 +170,32 @@ class TorchVideoLlama(torch.nn.Module):
         self.image_token_id = image_token_id
         v, q, vq, llm = cfg.vision, cfg.qformer, cfg.video_qformer, cfg.llm
         self.visual_encoder = vision_model(v.width, v.num_layers, v.num_heads, v.mlp_dim, v.image_size, seed=1)
-        self.Qformer = qformer_model(q.hidden_size, q.num_layers, q.num_heads, q.intermediate_size, q.encoder_width, q.cross_attention_freq, seed=2)
-        self.video_Qformer = qformer_model(vq.hidden_size, vq.num_layers, vq.num_heads, vq.intermediate_size, vq.encoder_width, vq.cross_attention_freq, seed=3)
-        self.llama_model = llama_lm(llm.vocab_size, llm.hidden_size, llm.intermediate_size, llm.num_layers, llm.num_heads, llm.num_kv_heads, llm.rms_norm_eps, seed=4)
+        self.Qformer = qformer_model(q.hidden_size, q.num_layers, q.num_heads, q.intermediate_size, q.encoder_width,
+                                     q.cross_attention_freq, seed=2)
+        self.video_Qformer = qformer_model(
+            vq.hidden_size,
+            vq.num_layers,
+            vq.num_heads,
+            vq.intermediate_size,
+            vq.encoder_width,
+            vq.cross_attention_freq,
+            seed=3,
+        )
+        self.llama_model = llama_lm(
+            llm.vocab_size,
+            llm.hidden_size,
+            llm.intermediate_size,
+            llm.num_layers,
+            llm.num_heads,
+            llm.num_kv_heads,
+            llm.rms_norm_eps,
+            seed=4,
+        )
         gen = torch.Generator().manual_seed(5)
         self.query_tokens = torch.nn.Parameter(torch.randn(1, cfg.num_query_tokens, q.hidden_size, generator=gen))
-        self.video_query_tokens = torch.nn.Parameter(torch.randn(1, cfg.num_video_query_tokens, vq.hidden_size, generator=gen))
+        self.video_query_tokens = torch.nn.Parameter(
+            torch.randn(1, cfg.num_video_query_tokens, vq.hidden_size, generator=gen)
+        )
         with torch.random.fork_rng():  # their default inits draw from the global generator: seed it, then restore it
             torch.manual_seed(6)
             self.video_frame_position_embedding = torch.nn.Embedding(cfg.max_frame_pos, q.hidden_size)
@@ -166,9 +205,13 @@ class TorchVideoLlama(torch.nn.Module):
     def forward(self, frames, input_ids, attention_mask, labels):
         b, t = frames.shape[:2]
         image_embeds = self.visual_encoder(pixel_values=frames.flatten(0, 1)).last_hidden_state
-        q = self.Qformer(query_embeds=self.query_tokens.expand(b * t, -1, -1), encoder_hidden_states=image_embeds).last_hidden_state
+        q = self.Qformer(
+            query_embeds=self.query_tokens.expand(b * t, -1, -1), encoder_hidden_states=image_embeds
+        ).last_hidden_state
         q = q.view(b, t, q.shape[1], -1) + self.video_frame_position_embedding(torch.arange(t))[None, :, None, :]
-        video = self.video_Qformer(query_embeds=self.video_query_tokens.expand(b, -1, -1), encoder_hidden_states=q.flatten(1, 2)).last_hidden_state
+        video = self.video_Qformer(
+            query_embeds=self.video_query_tokens.expand(b, -1, -1), encoder_hidden_states=q.flatten(1, 2)
+        ).last_hidden_state
         soft = self.llama_proj(video)
         is_image = input_ids == self.image_token_id
         embeds = self.llama_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
@@ -183,7 +226,13 @@ class TorchVideoLlama(torch.nn.Module):
             **qformer_state_dict(self.video_Qformer, "video_Qformer."),
             **llama_state_dict(self.llama_model),
         }
-        for name in ("query_tokens", "video_query_tokens", "video_frame_position_embedding.weight", "llama_proj.weight", "llama_proj.bias"):
+        for name in (
+            "query_tokens",
+            "video_query_tokens",
+            "video_frame_position_embedding.weight",
+            "llama_proj.weight",
+            "llama_proj.bias",
+        ):
             state[name] = self.state_dict()[name].numpy().copy()
         # what real checkpoints also carry, dropped on purpose
         state["Qformer.bert.embeddings.position_ids"] = np.arange(512)[None]

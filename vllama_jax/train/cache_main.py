@@ -22,7 +22,11 @@ def main(argv):
     del argv
     distributed.start_process()
     manifest = write_feature_cache(_CONFIG.value, _OUT.value, augment=_AUGMENT.value, records_per_shard=_RECORDS.value)
-    print(json.dumps({"records": manifest["records"], "shards": len(manifest["shards"]), "skipped": manifest.get("skipped", {})}))
+    print(
+        json.dumps(
+            {"records": manifest["records"], "shards": len(manifest["shards"]), "skipped": manifest.get("skipped", {})}
+        )
+    )
 
 
 def cli():

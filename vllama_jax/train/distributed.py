@@ -10,7 +10,7 @@ to start rather than train alone beside them in the same work directory; `--nodi
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 from absl import flags, logging
@@ -67,14 +67,19 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "environment says", flag_values=flag_values)
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process job JAX cannot "
                         "detect (e.g. local processes)", flag_values=flag_values)
-    flags.DEFINE_integer("num_processes", None, "processes in the job (with --coordinator_address)", flag_values=flag_values)
-    flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "num_processes", None, "processes in the job (with --coordinator_address)", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "this process's index (with --coordinator_address)", flag_values=flag_values
+    )
 
 
 def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
     """`initialize` with the values of the flags `define_flags` declared."""
-    return initialize(flag_values.distributed, flag_values.coordinator_address, flag_values.num_processes,
-                      flag_values.process_id)
+    return initialize(
+        flag_values.distributed, flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+    )
 
 
 def start_process(flag_values: flags.FlagValues = flags.FLAGS) -> bool:

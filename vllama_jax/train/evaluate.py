@@ -74,7 +74,9 @@ def make_greedy_generate(model: VideoLlama, prompt_length: int, max_new_tokens: 
         ids = input_ids[:, : prompt_length + max_new_tokens]
 
         def next_token(t, ids):
-            embeds = model.apply({"params": params}, ids, soft.get("video"), soft.get("audio"), method=VideoLlama.splice)
+            embeds = model.apply(
+                {"params": params}, ids, soft.get("video"), soft.get("audio"), method=VideoLlama.splice
+            )
             logits = model.apply({"params": params}, inputs_embeds=embeds, method=lambda m, **kw: m.llama_model(**kw))
             token = jnp.argmax(logits[:, prompt_length - 1 + t], axis=-1).astype(ids.dtype)
             return ids.at[:, prompt_length + t].set(token)
@@ -90,18 +92,31 @@ def _text_until(tokenizer, ids, stop: str) -> str:
     return text.split(stop)[0].strip() if stop else text.strip()
 
 
-def caption_dataset(generate, params, batches, tokenizer, batch_shardings, prompt_length: int, stop: str = "\n",
-                    media_keys: tuple[str, ...] = ("frames",)):
+def caption_dataset(
+    generate,
+    params,
+    batches,
+    tokenizer,
+    batch_shardings,
+    prompt_length: int,
+    stop: str = "\n",
+    media_keys: tuple[str, ...] = ("frames",),
+):
     """Run `generate` over every batch of a finite iterator (each process its own rows); returns
     (generated, reference) caption lists for the global batch order, identical on every process."""
     generated, reference = [], []
     for batch in batches:
-        inputs = {k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in (*media_keys, "input_ids")}
+        inputs = {
+            k: jax.make_array_from_process_local_data(batch_shardings[k], batch[k]) for k in (*media_keys, "input_ids")
+        }
         media = {k: inputs[k] for k in media_keys}
         tokens = multihost_utils.process_allgather(generate(params, media, inputs["input_ids"]), tiled=True)
-        labels = multihost_utils.process_allgather(jax.make_array_from_process_local_data(batch_shardings["labels"], batch["labels"]), tiled=True)
+        labels = multihost_utils.process_allgather(
+            jax.make_array_from_process_local_data(batch_shardings["labels"], batch["labels"]), tiled=True
+        )
         keep = multihost_utils.process_allgather(
-            jax.make_array_from_process_local_data(batch_shardings["example_mask"], batch["example_mask"]), tiled=True)
+            jax.make_array_from_process_local_data(batch_shardings["example_mask"], batch["example_mask"]), tiled=True
+        )
         for row in np.flatnonzero(np.asarray(keep)):
             generated.append(_text_until(tokenizer, tokens[row], stop))
             answer = labels[row][labels[row] != IGNORE_INDEX]

@@ -12,7 +12,7 @@ the cache stores `VideoLlama.frame_features` (ViT → ln_vision → image Q-Form
 (ImageBind), in the towers' output dtype, with the example's tokens and frame mask exactly as the media
 pipeline made them.
 A step from the cache computes the same loss as the end-to-end step on the same media
-(tests/test_feature_cache.py) and reads no tower weights.
+(tests/unit/train/test_feature_cache.py) and reads no tower weights.
 
 What a cache gives up: every epoch sees the same frames of a clip. The writer uses the eval transform (uniform
 frames, resize) unless --augment, which freezes one training draw (head-tail frames, random resized crop) per
@@ -65,31 +65,46 @@ def write_feature_cache(config, out: str | Path, *, augment: bool = False, recor
         inputs = branch.model_inputs(batch)
         outputs = {}
         if "video_features" in cached_keys:
-            outputs["video_features"] = model.apply({"params": params}, inputs["frames"], method=VideoLlama.frame_features)
+            outputs["video_features"] = model.apply(
+                {"params": params}, inputs["frames"], method=VideoLlama.frame_features
+            )
         if "audio_features" in cached_keys:
-            outputs["audio_features"] = model.apply({"params": params}, inputs["audio"], inputs["audio_modality"],
-                                                    method=VideoLlama.audio_features)
+            outputs["audio_features"] = model.apply(
+                {"params": params}, inputs["audio"], inputs["audio_modality"], method=VideoLlama.audio_features
+            )
         return outputs
 
     index, count = jax.process_index(), jax.process_count()
     layout = cache_layout(branch, model_cfg, pipeline_cfg)
-    writer = FeatureShardWriter(out, name=f"features-p{index:03d}", records_per_shard=records_per_shard,
-                                manifest_name=f"manifest-p{index:03d}.json" if count > 1 else "manifest.json",
-                                info={"config": config.name, "augment": augment, "layout": layout})
+    writer = FeatureShardWriter(
+        out,
+        name=f"features-p{index:03d}",
+        records_per_shard=records_per_shard,
+        manifest_name=f"manifest-p{index:03d}.json" if count > 1 else "manifest.json",
+        info={"config": config.name, "augment": augment, "layout": layout},
+    )
     skipped: dict[str, int] = {}
     started, written = time.perf_counter(), 0
     with sharded.on_mesh():
         # the towers and the small parameters `setup` declares (query tokens), which any method needs present;
         # not the LLM. The trainable glue is random from the seed: the towers' outputs do not depend on it.
         towers_and_glue = tuple(k for k in sharded.frozen_names if k != "llama_model")
-        params = {**sharded.load_frozen(config.train.frozen_checkpoint, towers_and_glue, log),
-                  **sharded.random(sharded.trainable_names)}
+        params = {
+            **sharded.load_frozen(config.train.frozen_checkpoint, towers_and_glue, log),
+            **sharded.random(sharded.trainable_names),
+        }
         run = jax.jit(towers)
         for n, batch in enumerate(batches):
             arrays = {k: jax.make_array_from_process_local_data(in_shardings[k], batch[k]) for k in media}
             features = run(params, arrays)  # this process's rows of each, back on the host:
-            local = {k: np.asarray(multihost_utils.global_array_to_host_local_array(
-                v, mesh, sharding.batch_sharding(mesh, v.ndim, rules).spec)) for k, v in features.items()}
+            local = {
+                k: np.asarray(
+                    multihost_utils.global_array_to_host_local_array(
+                        v, mesh, sharding.batch_sharding(mesh, v.ndim, rules).spec
+                    )
+                )
+                for k, v in features.items()
+            }
             for key, value in reason_counts(batch).items():
                 if key.startswith("skipped/") and value:
                     skipped[key] = skipped.get(key, 0) + value
@@ -104,8 +119,11 @@ def write_feature_cache(config, out: str | Path, *, augment: bool = False, recor
     multihost_utils.sync_global_devices("feature cache shards written")
     if count > 1 and index == 0:
         manifest = _merge_manifests(out, count)
-    log(f"feature cache {out}: {manifest['records']} examples in {len(manifest['shards'])} shards"
-        + (f"; skipped {skipped}" if skipped else "") + f" ({time.perf_counter() - started:.1f} s)")
+    log(
+        f"feature cache {out}: {manifest['records']} examples in {len(manifest['shards'])} shards"
+        + (f"; skipped {skipped}" if skipped else "")
+        + f" ({time.perf_counter() - started:.1f} s)"
+    )
     return manifest
 
 
@@ -115,7 +133,12 @@ def _merge_manifests(out: Path, count: int) -> dict:
     for part in parts:
         for key, value in part.get("skipped", {}).items():
             skipped[key] = skipped.get(key, 0) + value
-    merged = {**parts[0], "name": "features", "records": sum(p["records"] for p in parts),
-              "shards": [s for p in parts for s in p["shards"]], "skipped": skipped}
+    merged = {
+        **parts[0],
+        "name": "features",
+        "records": sum(p["records"] for p in parts),
+        "shards": [s for p in parts for s in p["shards"]],
+        "skipped": skipped,
+    }
     (out / "manifest.json").write_text(json.dumps(merged, indent=1))
     return merged

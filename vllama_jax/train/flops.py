@@ -9,7 +9,7 @@ more unit costs). A unit is a layer, or a Q-Former group of `cross_attention_fre
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from vllama_jax.models.video_llama import VideoLlamaConfig
 
@@ -17,6 +17,14 @@ from vllama_jax.models.video_llama import VideoLlamaConfig
 def compiled_flops(compiled) -> float:
     """FLOPs per device of one compiled program, as XLA's cost analysis reports them."""
     cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def lowered_flops(lowered) -> float:
+    """FLOPs per device of a lowered, not yet compiled, program (the HLO before XLA's optimisations): a cheap
+    estimate where compiling costs too much."""
+    cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0))
 

@@ -35,7 +35,9 @@ def lavis_warmup_cosine(cfg: OptimizerConfig):
         iteration = jnp.asarray(iteration, jnp.float32)
         epoch = jnp.floor(iteration / cfg.iters_per_epoch)
         in_epoch = iteration - epoch * cfg.iters_per_epoch
-        warm = jnp.minimum(cfg.init_lr, cfg.warmup_lr + (cfg.init_lr - cfg.warmup_lr) * in_epoch / max(cfg.warmup_steps, 1))
+        warm = jnp.minimum(
+            cfg.init_lr, cfg.warmup_lr + (cfg.init_lr - cfg.warmup_lr) * in_epoch / max(cfg.warmup_steps, 1)
+        )
         cosine = (cfg.init_lr - cfg.min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * epoch / cfg.max_epoch)) + cfg.min_lr
         return jnp.where(epoch == 0, warm, cosine)
 
@@ -45,6 +47,7 @@ def lavis_warmup_cosine(cfg: OptimizerConfig):
 def decay_mask(params):
     """True where weight decay applies: as the original, not on biases nor on anything with fewer than 2
     dimensions (norm scales). Our per-head biases are 2-D but are still biases by name."""
+
     def decays(path, leaf):
         return leaf.ndim >= 2 and "bias" not in jax.tree_util.keystr(path)
 

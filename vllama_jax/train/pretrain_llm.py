@@ -8,7 +8,7 @@ tokens that play the context's part.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,7 +22,9 @@ from vllama_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vllama_jax.models.video_llama import causal_lm_loss
 
 
-def text_examples(tokenizer, documents: Sequence[tuple[str, str]], length: int, end_sym: str = "\n") -> dict[str, np.ndarray]:
+def text_examples(
+    tokenizer, documents: Sequence[tuple[str, str]], length: int, end_sym: str = "\n"
+) -> dict[str, np.ndarray]:
     """(context, caption) pairs -> arrays (N, length): [BOS] + context tokens + caption tokens (+ end_sym),
     the caption tokenised exactly as `caption_example` does it; labels on the caption only."""
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
@@ -34,7 +36,7 @@ def text_examples(tokenizer, documents: Sequence[tuple[str, str]], length: int, 
         if len(head) + len(text) > length:
             raise ValueError(f"document {row} ({context!r}, {caption!r}) is longer than {length} tokens")
         ids[row, : len(head) + len(text)] = head + text
-        labels[row, len(head): len(head) + len(text)] = text
+        labels[row, len(head) : len(head) + len(text)] = text
     return {"input_ids": ids, "padding_mask": ids != tokenizer.pad_token_id, "labels": labels}
 
 

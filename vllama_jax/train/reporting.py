@@ -17,6 +17,7 @@ import numpy as np
 
 from vllama_jax import accelerators
 
+
 def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of one jitted size x size float32 matmul on the default device, best of `repeats`."""
     a = jnp.ones((size, size), jnp.float32)
@@ -64,7 +65,8 @@ def startup(step, cost: dict, peak: tuple[float, str], *, workdir: Path, global_
     sizes = step.sizes()
     devices = jax.devices()
     lines = [
-        f"{jax.process_count()} process(es), {len(devices)} {devices[0].device_kind} device(s), mesh {dict(step.mesh.shape)}",
+        f"{jax.process_count()} process(es), {len(devices)} {devices[0].device_kind} device(s), "
+        f"mesh {dict(step.mesh.shape)}",
         f"parameters: {sizes['trainable']:,} trainable ({sizes['trainable_bytes'] / 2**20:.1f} MiB), "
         f"{sizes['frozen']:,} frozen ({sizes['frozen_bytes'] / 2**20:.1f} MiB)"
         + (f"; not read by the step (cached features): {', '.join(sizes['not_read'])}" if sizes["not_read"] else ""),
@@ -73,20 +75,39 @@ def startup(step, cost: dict, peak: tuple[float, str], *, workdir: Path, global_
     state, frozen, _ = step.abstract_arguments()
     flat = jax.tree_util.tree_flatten_with_path({**state.trainable, **frozen})[0]
     for path, leaf in sorted(flat, key=lambda kv: -int(np.prod(kv[1].shape)))[:4]:
-        lines.append(f"  sharding {jax.tree_util.keystr(path)} {tuple(leaf.shape)} {np.dtype(leaf.dtype).name}: "
-                     f"{leaf.sharding.spec}")
+        lines.append(
+            f"  sharding {jax.tree_util.keystr(path)} {tuple(leaf.shape)} {np.dtype(leaf.dtype).name}: "
+            f"{leaf.sharding.spec}"
+        )
     if "argument_bytes" in cost:
-        lines.append("per device: " + ", ".join(f"{k.removesuffix('_bytes')} {cost[k] / 2**20:.1f} MiB" for k in
-                                                ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
-                                                 "peak_bytes")))
-    lines.append(f"step: {cost['flops'] / 1e9:.3f} GFLOP per device; peak {peak[0] / 1e12:.3g} TFLOP/s per device "
-                 f"({peak[1]})")
+        lines.append(
+            "per device: "
+            + ", ".join(
+                f"{k.removesuffix('_bytes')} {cost[k] / 2**20:.1f} MiB"
+                for k in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes")
+            )
+        )
+    lines.append(
+        f"step: {cost['flops'] / 1e9:.3f} GFLOP per device; peak {peak[0] / 1e12:.3g} TFLOP/s per device ({peak[1]})"
+    )
     for line in lines:
         log(line)
-    (workdir / "startup.json").write_text(json.dumps({
-        "mesh": dict(step.mesh.shape), "devices": [str(d) for d in devices], "global_batch": global_batch,
-        "text_length": text_length, "cost": cost, "peak_flops": peak[0], "sizes": sizes, "summary": lines},
-        indent=1) + "\n")
+    (workdir / "startup.json").write_text(
+        json.dumps(
+            {
+                "mesh": dict(step.mesh.shape),
+                "devices": [str(d) for d in devices],
+                "global_batch": global_batch,
+                "text_length": text_length,
+                "cost": cost,
+                "peak_flops": peak[0],
+                "sizes": sizes,
+                "summary": lines,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return lines
 
 
@@ -116,9 +137,13 @@ class Reporter:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._writer.add_scalar(key, value, step)
-        shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['learning_rate']:.2e}",
-                 "ex/s": f"{record['examples_per_second']:.1f}", "tok/s": f"{record['tokens_per_second']:.0f}",
-                 "MFU": f"{record['mfu']:.1%}"}
+        shown = {
+            "loss": f"{record['loss']:.4f}",
+            "lr": f"{record['learning_rate']:.2e}",
+            "ex/s": f"{record['examples_per_second']:.1f}",
+            "tok/s": f"{record['tokens_per_second']:.0f}",
+            "MFU": f"{record['mfu']:.1%}",
+        }
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
         if (step - 1) % self.log_every == 0 and self._bar.disable:
@@ -159,7 +184,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
     smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot(steps, loss, color="0.75", linewidth=0.8, label="loss")
-    top.plot(steps[window - 1:], smooth, color="C0", label=f"{window}-step mean")
+    top.plot(steps[window - 1 :], smooth, color="C0", label=f"{window}-step mean")
     top.set_ylabel("caption loss")
     top.legend()
     bottom.plot(steps, lr, color="C1")

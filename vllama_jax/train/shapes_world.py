@@ -78,10 +78,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path, log=print) -
     llm_params, losses = pretrain_llm(model_cfg.llm, examples, steps=pre.steps, batch_size=pre.batch_size,
                                       learning_rate=pre.learning_rate, seed=config.seed, log=log)
     # the rest of the frozen model: random towers from the seed, as the trainer would make them
-    model = VideoLlama(dataclasses.replace(model_cfg, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)))
+    model = VideoLlama(
+        dataclasses.replace(model_cfg, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
+    )
     params = jax.jit(lambda: nn.unbox(init_params(model, jax.random.PRNGKey(config.seed))))()
     frozen = split_params(params, branch(config).trainable)[1]
-    frozen["llama_model"] = jax.tree_util.tree_map(lambda new, old: np.asarray(new, old.dtype), llm_params, frozen["llama_model"])
+    frozen["llama_model"] = jax.tree_util.tree_map(
+        lambda new, old: np.asarray(new, old.dtype), llm_params, frozen["llama_model"]
+    )
     save_params(frozen_dir, frozen)
     log(f"frozen weights written to {frozen_dir} (LLM text loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f})")
     return config
@@ -92,8 +96,13 @@ def score(generated: list[str], reference: list[str], config, log=print) -> dict
     and chance, logged in one line."""
     sounds = config.data.synthetic_sounds
     result = {"attribute_accuracy": attribute_accuracy(generated, reference, sounds), "chance": chance(sounds)}
-    log("held-out caption accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result["attribute_accuracy"].items())
-        + " (chance: " + ", ".join(f"{k} {v:.0%}" for k, v in result["chance"].items()) + ")")
+    log(
+        "held-out caption accuracy: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in result["attribute_accuracy"].items())
+        + " (chance: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in result["chance"].items())
+        + ")"
+    )
     return result
 
 

@@ -77,12 +77,25 @@ class ShardedStep:
         (trainable, trainable_bytes) = tree_size(self.abstract_state.trainable)
         (frozen, frozen_bytes) = self.model.count(self.frozen_names)
         not_read = [k for k in self.model.frozen_names if k not in self.frozen_names]
-        return {"trainable": trainable, "trainable_bytes": trainable_bytes, "frozen": frozen, "frozen_bytes": frozen_bytes,
-                "optimizer_bytes": tree_size(self.abstract_state.opt_state)[1], "not_read": not_read}
+        return {
+            "trainable": trainable,
+            "trainable_bytes": trainable_bytes,
+            "frozen": frozen,
+            "frozen_bytes": frozen_bytes,
+            "optimizer_bytes": tree_size(self.abstract_state.opt_state)[1],
+            "not_read": not_read,
+        }
 
 
-def build_sharded_step(config, model_cfg: VideoLlamaConfig, text_length: int, *, mesh=None,
-                       batch_size: int | None = None, cached: bool | None = None) -> ShardedStep:
+def build_sharded_step(
+    config,
+    model_cfg: VideoLlamaConfig,
+    text_length: int,
+    *,
+    mesh=None,
+    batch_size: int | None = None,
+    cached: bool | None = None,
+) -> ShardedStep:
     """The train step `config` runs (its branch, optimizer, mesh and rules), for `model_cfg` (the config's model
     with the tokenizer's placeholder ids) and `text_length` tokens per example. `batch_size` (global) defaults to
     config.batch_size; `cached` to whether config.data.feature_cache is set."""
@@ -98,24 +111,56 @@ def build_sharded_step(config, model_cfg: VideoLlamaConfig, text_length: int, *,
     abstract_state = jax.eval_shape(lambda t: init_state(t, optimizer, jax.random.PRNGKey(state_seed)), trainable)
     state_shardings = sharding.mesh_shardings(abstract_state, model.mesh, model.rules)
     shapes = batch_shapes(model_cfg, batch_size, config.data.num_frames, text_length, config.data.clips_per_video)
-    batch = {k: jax.ShapeDtypeStruct(shapes[k].shape, shapes[k].dtype,
-                                     sharding=sharding.batch_sharding(model.mesh, len(shapes[k].shape), model.rules))
-             for k in branch.batch_keys(cached)}
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            shapes[k].shape,
+            shapes[k].dtype,
+            sharding=sharding.batch_sharding(model.mesh, len(shapes[k].shape), model.rules),
+        )
+        for k in branch.batch_keys(cached)
+    }
     step_fn = jax.jit(
         make_train_step(video_llama_loss(model.module, branch, cached), optimizer, opt_cfg),
-        in_shardings=(state_shardings, {k: model.shardings[k] for k in frozen_names},
-                      {k: v.sharding for k, v in batch.items()}),
+        in_shardings=(
+            state_shardings,
+            {k: model.shardings[k] for k in frozen_names},
+            {k: v.sharding for k, v in batch.items()},
+        ),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
-    return ShardedStep(model=model, optimizer=optimizer, frozen_names=frozen_names, cached=cached,
-                       abstract_state=abstract_state, state_shardings=state_shardings, batch=batch, step_fn=step_fn,
-                       state_seed=state_seed)
+    return ShardedStep(
+        model=model,
+        optimizer=optimizer,
+        frozen_names=frozen_names,
+        cached=cached,
+        abstract_state=abstract_state,
+        state_shardings=state_shardings,
+        batch=batch,
+        step_fn=step_fn,
+        state_seed=state_seed,
+    )
 
 
-def step_flops(config, model_cfg: VideoLlamaConfig, text_length: int, *, mesh, batch_size: int | None = None,
-               cached: bool | None = None, unscanned: float | None = None) -> float:
+def step_flops(
+    config,
+    model_cfg: VideoLlamaConfig,
+    text_length: int,
+    *,
+    mesh,
+    batch_size: int | None = None,
+    cached: bool | None = None,
+    unscanned: float | None = None,
+) -> float:
     """Per-device FLOPs of `build_sharded_step(...)`'s step with every scanned layer counted (`flops.scan_aware_flops`:
-    XLA counts a loop body once); `unscanned` is the count of the step already compiled, used when nothing is scanned."""
-    return scan_aware_flops(model_cfg, lambda m: compiled_flops(build_sharded_step(
-        config, m, text_length, mesh=mesh, batch_size=batch_size, cached=cached).lower().compile()), unscanned=unscanned)
+    XLA counts a loop body once); `unscanned` is the count of the step already compiled, used when nothing is
+    scanned."""
+    return scan_aware_flops(
+        model_cfg,
+        lambda m: compiled_flops(
+            build_sharded_step(config, m, text_length, mesh=mesh, batch_size=batch_size, cached=cached)
+            .lower()
+            .compile()
+        ),
+        unscanned=unscanned,
+    )

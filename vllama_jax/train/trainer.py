@@ -118,8 +118,10 @@ def _train(config, workdir: Path, preemption: _Preemption, log) -> dict:
                 preempted = not too_many_nonfinite and preemption.agreed(n + 1)
                 checkpointer.on_step(n + 1, state, batches, force=preempted or too_many_nonfinite)
                 if too_many_nonfinite:
-                    stop = (f"stopped: {int(state.skipped)} non-finite steps (max_nonfinite={train_cfg.max_nonfinite}); "
-                            f"the checkpoint of step {n + 1} holds the last finite step's weights")
+                    stop = (
+                        f"stopped: {int(state.skipped)} non-finite steps (max_nonfinite={train_cfg.max_nonfinite}); "
+                        f"the checkpoint of step {n + 1} holds the last finite step's weights"
+                    )
                     break
                 if preempted:
                     stop = "preempted"
@@ -135,6 +137,15 @@ def _train(config, workdir: Path, preemption: _Preemption, log) -> dict:
         if config.eval.at_end and config.data.eval_shards and stop == "done":
             towers = tuple(k for k in model.frozen_names if k not in frozen)
             frozen = {**frozen, **(model.load_frozen(train_cfg.frozen_checkpoint, towers, log) if towers else {})}
-            summary["eval"] = evaluate.held_out(config, model.module, {**frozen, **state.trainable}, tokenizer,
-                                                pipeline_cfg, model.mesh, model.rules, workdir, log)
+            summary["eval"] = evaluate.held_out(
+                config,
+                model.module,
+                {**frozen, **state.trainable},
+                tokenizer,
+                pipeline_cfg,
+                model.mesh,
+                model.rules,
+                workdir,
+                log,
+            )
     return summary
