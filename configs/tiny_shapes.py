@@ -37,12 +37,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # 0.9-1 in the main job (docs/results.md). A milder zoom keeps the augmentation and the cue.
     # Its random frozen ViT is twice the tests' width: the glue could not fit the shapes from the 48-wide one's
     # features (training clips' shape accuracy 91.5 %, held out 87.5 %); the 96-wide one's carry them (95.8 %,
-    # held out 97.9 %) at a 0.3 ms dearer step (docs/results.md).
+    # held out 97.9 %; docs/results.md).
     config.model.vision.update(width=96, mlp_dim=192)
     config.model.qformer.encoder_width = 96
     config.data.update(source="shapes_world", num_frames=4, max_txt_len=16, crop_scale=(0.9, 1.0))
     # 960 clips of 16 frames at 28 px are 36 MB decoded: decode each once, crop from memory after that
     config.data.cache_decoded = True
+    # from memory an example costs about a millisecond: grain's 16 reader threads then cost more than they overlap
+    # on two cores (the main job's 1800 steps: 63 s with 16, 47 s with 2; docs/results.md)
     config.data.read_threads = 2
     config.data.synthetic_clips = 960  # training clips the world makes
     config.data.synthetic_eval_clips = 48  # held-out clips, captioned and scored at the end
