@@ -57,6 +57,31 @@ def demo_config():
 
 
 @pytest.fixture(scope="session")
+def tiny(tiny_config):
+    """The tiny Video-LLaMA (image token 511), random parameters and one batch: (config, params, frames (2, 3, 28,
+    28, 3), input_ids (2, 10) with soft-token slots 1-4, labels on the last five), for the model and convert tests."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from vllama_jax.config import model_config
+    from vllama_jax.constants import IGNORE_INDEX
+    from vllama_jax.models.video_llama import VideoLlama
+
+    image_id = 511
+    cfg = dataclasses.replace(model_config(tiny_config), image_token_id=image_id)
+    rng = np.random.default_rng(1)
+    frames = rng.standard_normal((2, 3, 28, 28, 3)).astype(np.float32)
+    ids = rng.integers(3, 500, (2, 10)).astype(np.int32)
+    ids[:, 1:5] = image_id
+    labels = np.where(np.arange(10) >= 5, ids, IGNORE_INDEX)
+    params = jax.jit(lambda: nn.unbox(VideoLlama(cfg).init(jax.random.key(0), frames, ids)["params"]))()
+    return cfg, params, frames, ids, labels
+
+
+@pytest.fixture(scope="session")
 def audio_model(tiny_config):
     """Tiny Video-LLaMA with the audio branch sized like the tiny real ImageBind, and its PyTorch twin:
     (config, model, params, torch_branch), `testing.imagebind_reference.tiny_audio_model`."""

@@ -1,15 +1,11 @@
 """The Video-LLaMA key mapping (`convert/video_llama.py`): the full state dict and the audio branch round-trip through
 the original layout, strictly."""
-import dataclasses
 import re
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from vllama_jax.config import model_config
-from vllama_jax.constants import IGNORE_INDEX
 from vllama_jax.convert.mapping import ConversionError
 from vllama_jax.convert.video_llama import (
     UNUSED_KEYS,
@@ -18,24 +14,7 @@ from vllama_jax.convert.video_llama import (
     scanned_subtrees,
     video_llama_rules,
 )
-from vllama_jax.models.video_llama import (
-    VideoLlama,
-)
 from vllama_jax.testing import imagebind_reference as ib_ref
-
-IMAGE_ID = 511
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-    cfg = dataclasses.replace(model_config(tiny_config), image_token_id=IMAGE_ID)
-    rng = np.random.default_rng(1)
-    frames = rng.standard_normal((2, 3, 28, 28, 3)).astype(np.float32)
-    ids = rng.integers(3, 500, (2, 10)).astype(np.int32)
-    ids[:, 1:5] = IMAGE_ID
-    labels = np.where(np.arange(10) >= 5, ids, IGNORE_INDEX)
-    params = jax.jit(lambda: nn.unbox(VideoLlama(cfg).init(jax.random.key(0), frames, ids)["params"]))()
-    return cfg, params, frames, ids, labels
 
 
 def test_full_state_dict_round_trip_and_strictness(tiny):

@@ -22,20 +22,6 @@ from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama, causal_l
 from vllama_jax.testing import torch_reference as ref
 from vllama_jax.testing.torch_reference import TorchVideoLlama, report
 
-IMAGE_ID = 511
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-    cfg = dataclasses.replace(model_config(tiny_config), image_token_id=IMAGE_ID)
-    rng = np.random.default_rng(1)
-    frames = rng.standard_normal((2, 3, 28, 28, 3)).astype(np.float32)
-    ids = rng.integers(3, 500, (2, 10)).astype(np.int32)
-    ids[:, 1:5] = IMAGE_ID
-    labels = np.where(np.arange(10) >= 5, ids, IGNORE_INDEX)
-    params = jax.jit(lambda: nn.unbox(VideoLlama(cfg).init(jax.random.key(0), frames, ids)["params"]))()
-    return cfg, params, frames, ids, labels
-
 
 def with_scan(cfg, scan, remat="none"):
     towers = {
@@ -61,7 +47,9 @@ def test_llm_sees_soft_tokens_at_placeholders(tiny):
     logits, soft = model.apply({"params": params}, frames, ids)
     # the same logits from the LLM alone, fed the spliced embeddings by hand
     embeds = np.array(
-        model.apply({"params": params}, jnp.where(ids == IMAGE_ID, 0, ids), method=lambda m, i: m.llama_model.embed(i))
+        model.apply(
+            {"params": params}, jnp.where(ids == cfg.image_token_id, 0, ids), method=lambda m, i: m.llama_model.embed(i)
+        )
     )
     embeds[:, 1:5] = np.asarray(soft["video"])
     direct = model.apply({"params": params}, embeds, method=lambda m, e: m.llama_model(inputs_embeds=e))
