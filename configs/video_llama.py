@@ -18,16 +18,17 @@ picks the LLM, the recipe and the precision. The CPU demo is its own experiment:
 """
 
 import dataclasses
-
-import ml_collections
+from typing import TYPE_CHECKING
 
 from vllama_jax.config import parse_arg
 from vllama_jax.data.conversation import caption_prompt_template
-from vllama_jax.data.video import TRAIN_CROP_SCALE
 from vllama_jax.models.llama import SIZES
 from vllama_jax.models.video_llama import VideoLlamaConfig
 from vllama_jax.sharding import DEFAULT_RULES
 from vllama_jax.train.optimizer import OptimizerConfig
+
+if TYPE_CHECKING:
+    import ml_collections
 
 FULL_SIZE_LLMS = ("vicuna_7b", "vicuna_13b", "llama2_7b_chat", "llama2_13b_chat")
 
@@ -185,7 +186,12 @@ def model(llm: str) -> dict:
     return full
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
+def get_config(arg: str = "") -> "ml_collections.ConfigDict":
+    # here, not at the top: `model()` and `recipe()` are read without ml_collections and PyAV (launch/gpu_check.py)
+    import ml_collections
+
+    from vllama_jax.data.video import TRAIN_CROP_SCALE
+
     args = parse_arg(arg, positional=("llm", "recipe"), llm="llama2_7b_chat", recipe="vision_stage1")
     row = recipe(args.recipe)
     config = ml_collections.ConfigDict()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-
-import ml_collections
+from typing import TYPE_CHECKING
 
 from vllama_jax.models.video_llama import Branch, VideoLlamaConfig
+
+if TYPE_CHECKING:  # imported where a ConfigDict is made: the GPU check reads configs on machines without it
+    import ml_collections
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -26,6 +28,8 @@ def parse_arg(arg: str, positional: tuple[str, ...] = (), **defaults) -> ml_coll
     "llm=tiny,recipe=vision_stage2" -> {llm: "tiny", recipe: "vision_stage2", <other defaults>}. Bare values fill
     the `positional` names in order ("tiny,vision_stage2", the old spelling). Values take their default's type
     (bool, int, float, str); an unknown name is refused with the known ones."""
+    import ml_collections
+
     out = dict(defaults)
     bare = 0
     for part in filter(None, (p.strip() for p in arg.split(","))):
