@@ -57,6 +57,7 @@ flags.DEFINE_bool("dry_run", False, "on a CPU: the tiny model's sizes, one timed
 flags.DEFINE_string("json", "gpu_check.json", "where the JSON report goes")
 flags.DEFINE_integer("timed_steps", 10, "steps timed per run (after the first step and 2 warm-up steps)")
 flags.DEFINE_integer("batch_size", 0, "clips per step (0: the stage-1 recipe's global batch, 32)")
+flags.DEFINE_list("models", ["bench", "llama2_7b_4_layers"], "which of the two steps to check")
 
 IMPLEMENTATIONS = ("xla", "dot_product_attention", "splash")
 AUTOCAST = ("bfloat16", "float16")  # PyTorch's runs: bf16 as ours, fp16 as the original trains
@@ -221,7 +222,7 @@ def check_step(name: str, model: dict, opt_cfg: OptimizerConfig, plan: Plan, pla
     torch_model = TorchVideoLlama(cfg, cfg.image_token_id)
     params = converted(torch_model, cfg)
     flops = model_flops(cfg, opt_cfg, batch)
-    log(f"[{name}] PyTorch model built, weights converted, {flops / 1e12:.2f} TFLOP per step "
+    log(f"[{name}] PyTorch model built, weights converted, {_flop_text(flops)} per step "
         f"({time.perf_counter() - started:.0f} s)")
     runs = []
     for impl in IMPLEMENTATIONS:
@@ -320,7 +321,8 @@ def table(report: dict) -> str:
         lines += [
             "",
             f"{name}: batch {step['batch_size']} × {step['frames']} frames at {step['image_size']} px, "
-            f"{step['text_length']} tokens; {step['flops'] / 1e12:.3f} TFLOP per step (einsum path, XLA)",
+            f"{step['text_length']} tokens; {_flop_text(step['flops'])} per step (the einsum path's, XLA's count)",
+            "(PyTorch bf16 / this: PyTorch's seconds per step under bf16 autocast over this run's)",
             "| run | ms / step | TFLOP/s | MFU | PyTorch bf16 / this | PyTorch fp16 / this | first loss |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -329,13 +331,17 @@ def table(report: dict) -> str:
                 lines.append(f"| {_label(run)} | {run['status']}: {run['reason'][:90]} | | | | | |")
                 continue
             ratios = run.get("pytorch_over_ours", {})
-            cells = [f"{run['step_seconds'] * 1e3:.1f}", f"{run['tflops_per_second']:.1f}",
+            cells = [f"{run['step_seconds'] * 1e3:.1f}", f"{run['tflops_per_second']:.3g}",
                      "n/a" if run["mfu"] is None else f"{100 * run['mfu']:.1f} %",
                      *(f"{ratios[k]:.2f}×" if k in ratios else "" for k in AUTOCAST), f"{run['first_loss']:.4f}"]
             lines.append(f"| {_label(run)} | " + " | ".join(cells) + " |")
     if report["problems"]:
         lines += ["", "PROBLEMS:", *(f"- {p}" for p in report["problems"])]
     return "\n".join(lines)
+
+
+def _flop_text(flops: float) -> str:
+    return f"{flops / 1e12:.2f} TFLOP" if flops >= 1e11 else f"{flops / 1e9:.3f} GFLOP"
 
 
 def machine() -> dict:
@@ -380,7 +386,13 @@ def main(argv):
         print(f"{time.perf_counter() - started:6.1f} s  {text}", flush=True)
 
     torch_device = "cuda" if device.platform == "gpu" else "cpu"
-    for name, model in checked_models(configs, FLAGS.dry_run).items():
+    models = checked_models(configs, FLAGS.dry_run)
+    unknown = set(FLAGS.models) - set(models)
+    if unknown:
+        sys.exit(f"--models: unknown {sorted(unknown)}; known: {sorted(models)}")
+    for name, model in models.items():
+        if name not in FLAGS.models:
+            continue
         report["steps"][name] = check_step(name, model, opt_cfg, plan, device.platform, torch_device, log)
     report["problems"] = [p for step in report["steps"].values() for p in summarise(step, report["peak_flops"])]
     report["seconds"] = time.perf_counter() - started
