@@ -1,0 +1,152 @@
+"""The README's TPU planning and tuning tables, regenerated with the TPU compiler (`vllama-plan --topology`).
+
+    python -m vllama_jax.bench.tpu_tables --out runs/tpu_tables [--only plan|tuning] [--rows 7b-v5p-4,...]
+
+Each row is one `vllama-plan` command, run in its own process and kept as `<out>/<row>.json`: a rerun skips the
+rows already there, so the tables can be filled over several sittings (a 7B compile takes a minute or more of
+CPU). The Markdown printed at the end names each row's command and the libtpu version. Nothing is allocated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+_7B = "configs/video_llama.py:llm=llama2_7b_chat"
+_13B = "configs/video_llama.py:llm=llama2_13b_chat"
+_7B_STAGE2 = "configs/video_llama.py:llm=llama2_7b_chat,recipe=vision_stage2"
+# stage 2's text: the Video-ChatGPT-style instruction prompts reach 512 tokens with the 32 soft tokens
+STAGE2_TEXT = 512
+
+# (row name, config, topology, mesh, extra flags): the planning table, stage 1, one example per replica.
+PLAN_ROWS = (
+    ("7b-v5e-4-fsdp", _7B, "v5e:2x2", "fsdp=4", ()),
+    ("7b-v5e-16-fsdp", _7B, "v5e:4x4", "fsdp=16", ()),
+    ("7b-v5e-16-fsdp-tp", _7B, "v5e:4x4", "fsdp=4,tensor=4", ()),
+    ("7b-v5e-256-fsdp", _7B, "v5e:16x16", "fsdp=256", ()),
+    ("7b-v5e-256-fsdp-tp", _7B, "v5e:16x16", "fsdp=64,tensor=4", ()),
+    ("7b-v5p-4-fsdp", _7B, "v5p:2x2x1", "fsdp=4", ()),
+    ("7b-v5p-64-fsdp", _7B, "v5p:4x4x4", "fsdp=64", ()),
+    ("7b-v5p-64-fsdp-tp", _7B, "v5p:4x4x4", "fsdp=16,tensor=4", ()),
+    ("7b-v5p-256-fsdp", _7B, "v5p:4x8x8", "fsdp=256", ()),
+    ("13b-v5e-16-fsdp", _13B, "v5e:4x4", "fsdp=16", ()),
+    ("13b-v5e-256-fsdp-tp", _13B, "v5e:16x16", "fsdp=64,tensor=4", ()),
+    ("13b-v5p-4-fsdp", _13B, "v5p:2x2x1", "fsdp=4", ()),
+    ("13b-v5p-128-fsdp-tp", _13B, "v5p:4x4x8", "fsdp=32,tensor=4", ()),
+    ("13b-v5p-256-fsdp", _13B, "v5p:4x8x8", "fsdp=256", ()),
+    ("7b-v5e-256x2-multislice", _7B, "v5e:16x16", "data=2,fsdp=256", ("--num_slices=2",)),
+)
+
+# The tuning table: LLaMA-2-7B stage 2 (the longest text) on v5p:2x2x1, fsdp=4, one remat / scan / sharding change
+# a row against the configs' defaults (LLM remat dots_no_batch, ViT remat none, every tower scanned).
+_TUNE = (_7B_STAGE2, "v5p:2x2x1", "fsdp=4")
+TUNING_ROWS = tuple(
+    (name, *_TUNE, (f"--text_length={STAGE2_TEXT}", *extra))
+    for name, extra in (
+        ("tune-llm-remat-dots_no_batch", ()),
+        ("tune-llm-remat-none", ("--config.model.llm.remat_policy=none",)),
+        ("tune-llm-remat-dots", ("--config.model.llm.remat_policy=dots",)),
+        ("tune-llm-remat-full", ("--config.model.llm.remat_policy=full",)),
+        ("tune-llm-unscanned", ("--config.model.llm.scan_layers=False",)),
+        ("tune-vit-remat-full", ("--config.model.vision.remat_policy=full",)),
+    )
+)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "runs/tpu_tables", "folder of the rows' JSON files")
+flags.DEFINE_enum("only", None, ["plan", "tuning"], "one table")
+flags.DEFINE_list("rows", [], "only these rows (by name)")
+flags.DEFINE_bool("flops", False, "also count FLOPs (a few shallow compiles more per row)")
+flags.DEFINE_bool("render_only", False, "print the tables from the JSON files already there")
+
+
+def command(row, out: Path, flops: bool) -> list[str]:
+    name, config, topology, mesh, extra = row
+    return [
+        "vllama-plan",
+        f"--config={config}",
+        f"--topology={topology}",
+        f"--mesh={mesh}",
+        *extra,
+        "--flops" if flops else "--noflops",
+        f"--json={out / (name + '.json')}",
+    ]
+
+
+def shown(row, flops: bool) -> str:
+    """The command as a user types it (no output path)."""
+    return " ".join(c for c in command(row, Path("."), flops) if not c.startswith("--json"))
+
+
+def run_rows(rows, out: Path, flops: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        target = out / f"{row[0]}.json"
+        if target.exists():
+            continue
+        started = time.perf_counter()
+        done = subprocess.run(command(row, out, flops), capture_output=True, text=True, env=os.environ.copy())
+        seconds = time.perf_counter() - started
+        if done.returncode:
+            (out / f"{row[0]}.error.txt").write_text(done.stderr[-5000:])
+            print(f"{row[0]}: failed after {seconds:.0f} s (see {row[0]}.error.txt)", flush=True)
+        else:
+            print(f"{row[0]}: {seconds:.0f} s", flush=True)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def render(rows, out: Path, flops: bool, title: str) -> list[str]:
+    lines = [f"#### {title}", "", "| row | chips | mesh | peak GiB/chip (XLA:TPU) | arguments | temporaries | fits HBM | "
+             "est. step ms (XLA:TPU cost model) | TFLOP/chip | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+    libtpu = set()
+    for row in rows:
+        path = out / f"{row[0]}.json"
+        if not path.exists():
+            lines.append(f"| {row[0]} | | | not run | | | | | | `{shown(row, flops)}` |")
+            continue
+        result = json.loads(path.read_text())[0]
+        memory = result["memory"]
+        peak = memory.get("compiler_peak_bytes", memory["peak_bytes"])
+        from vllama_jax import accelerators
+
+        chip = accelerators.by_device_kind(result["device_kind"])
+        fits = f"{peak / chip.hbm_bytes:.0%} of {chip.name}" if chip else "?"
+        libtpu.add(result.get("compiler", ""))
+        mesh = ",".join(f"{k}={v}" for k, v in result["mesh"].items() if v > 1)
+        estimate = f"{result['estimated_step_seconds'] * 1e3:,.0f}" if "estimated_step_seconds" in result else ""
+        tflop = f"{result['flops_per_device'] / 1e12:.2f}" if "flops_per_device" in result else ""
+        slices = f" × {result['num_slices']} slices" if result.get("num_slices", 1) > 1 else ""
+        lines.append(
+            f"| {row[0]} | {result['topology']}{slices} ({result['devices']}) | {mesh} | **{_gib(peak)}** | "
+            f"{_gib(memory['argument_bytes'])} | {_gib(memory['temp_bytes'])} | {fits} | {estimate} | {tflop} | "
+            f"`{shown(row, flops)}` |"
+        )
+    lines += ["", f"Compiler: {', '.join(sorted(libtpu - {''})) or 'none run'}.", ""]
+    return lines
+
+
+def main(argv):
+    del argv
+    out = Path(FLAGS.out)
+    tables = {"plan": (PLAN_ROWS, "Planning, stage 1, one example per replica"),
+              "tuning": (TUNING_ROWS, f"Tuning, LLaMA-2-7B stage 2 ({STAGE2_TEXT} tokens) on v5p:2x2x1, fsdp=4")}
+    chosen = {k: v for k, v in tables.items() if FLAGS.only in (None, k)}
+    for rows, _ in chosen.values():
+        rows = [r for r in rows if not FLAGS.rows or r[0] in FLAGS.rows]
+        if not FLAGS.render_only:
+            run_rows(rows, out, FLAGS.flops)
+    for rows, title in chosen.values():
+        print("\n".join(render(rows, out, FLAGS.flops, title)))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.exit(app.run(main))
