@@ -17,6 +17,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from vllama_jax import accelerators
+
 _7B = "configs/video_llama.py:llm=llama2_7b_chat"
 _13B = "configs/video_llama.py:llm=llama2_13b_chat"
 _7B_STAGE2 = "configs/video_llama.py:llm=llama2_7b_chat,recipe=vision_stage2"
@@ -104,8 +106,11 @@ def _gib(n: float) -> str:
 
 
 def render(rows, out: Path, flops: bool, title: str) -> list[str]:
-    lines = [f"#### {title}", "", "| row | chips | mesh | peak GiB/chip (XLA:TPU) | arguments | temporaries | fits HBM | "
-             "est. step ms (XLA:TPU cost model) | TFLOP/chip | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+    header = (
+        "| row | chips | mesh | peak GiB/chip (XLA:TPU) | arguments | temporaries | fits HBM | "
+        "est. step ms (XLA:TPU cost model) | TFLOP/chip | command |"
+    )
+    lines = [f"#### {title}", "", header, "|---|---|---|---|---|---|---|---|---|---|"]
     libtpu = set()
     for row in rows:
         path = out / f"{row[0]}.json"
@@ -115,8 +120,6 @@ def render(rows, out: Path, flops: bool, title: str) -> list[str]:
         result = json.loads(path.read_text())[0]
         memory = result["memory"]
         peak = memory.get("compiler_peak_bytes", memory["peak_bytes"])
-        from vllama_jax import accelerators
-
         chip = accelerators.by_device_kind(result["device_kind"])
         fits = f"{peak / chip.hbm_bytes:.0%} of {chip.name}" if chip else "?"
         libtpu.add(result.get("compiler", ""))
