@@ -454,7 +454,17 @@ def _main(argv):
 
     del argv
     f = flags.FLAGS
-    results = run(
+    try:
+        results = _run_flags(f)
+    except (ValueError, RuntimeError) as error:  # a bad topology, mesh or accelerator name: one line, no traceback
+        sys.exit(f"vllama-plan: {error}")
+    if f.json:
+        with open(f.json, "w") as out:
+            json.dump(results, out, indent=1)
+
+
+def _run_flags(f) -> list[dict]:
+    return run(
         f.config,
         devices=f.devices,
         meshes=f.mesh,
@@ -471,9 +481,6 @@ def _main(argv):
         cache_length=f.cache_length,
         log=lambda s: print(s, flush=True),
     )
-    if f.json:
-        with open(f.json, "w") as out:
-            json.dump(results, out, indent=1)
 
 
 def cli():
