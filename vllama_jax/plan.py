@@ -14,12 +14,12 @@ XLA:CPU over N simulated CPU devices, for machines without libtpu and for tests:
 optimizer and batch bytes are exact, but the CPU compiler's temporaries are not a TPU's or a GPU's (it gathers
 FSDP weights whole and in float32), so read them as a rough upper bound.
 
-Per device it reports the compiler's memory analysis (arguments, outputs, temporaries, and the peak: XLA:TPU's own
-figure where it gives one, else arguments + temporaries + outputs − aliased), the FLOPs of one step (scanned layers
-counted per layer), XLA:TPU's own estimate of the step's time, the parameter and optimizer-state bytes split
-trainable / frozen, and which accelerators' HBM the peak fits. `--max_batch` finds the largest per-device batch
-that fits the named accelerators: memory grows linearly with the batch, so two compiles give the line and one or
-two more confirm its prediction.
+Per device it reports the compiler's memory analysis (arguments, outputs, temporaries, and the peak: the
+compiler's own figure from its buffer assignment, beside the sum arguments + temporaries + outputs − aliased), the
+FLOPs of one step (scanned layers counted per layer), XLA:TPU's own estimate of the step's time, the parameter and
+optimizer-state bytes split trainable / frozen, and which accelerators' HBM the peak fits. `--max_batch` finds the
+largest per-device batch that fits the named accelerators: memory grows linearly with the batch, so two compiles
+give the line and one or two more confirm its prediction.
 """
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def _memory(compiled) -> dict[str, int]:
     """XLA's per-device memory analysis of a compiled step, with its peak (reporting.step_cost, FLOPs apart:
-    they are counted scan-aware below). XLA:TPU also reports its own peak (`compiler_peak_bytes`): the most the
-    program holds at once, by its buffer assignment, which is below the sum of arguments, temporaries and outputs
-    when buffers are reused."""
+    they are counted scan-aware below). XLA also reports its own peak (`compiler_peak_bytes`, XLA:TPU and XLA:CPU
+    alike): the most the program holds at once by its buffer assignment, below the sum of arguments, temporaries
+    and outputs where buffers are reused."""
     from vllama_jax.train.reporting import step_cost
 
     memory = {k: v for k, v in step_cost(compiled).items() if k != "flops"}
@@ -61,7 +61,7 @@ def _memory(compiled) -> dict[str, int]:
 
 
 def fit_bytes(memory: dict[str, int]) -> int:
-    """The peak a plan is sized by: the compiler's own where it reports one (XLA:TPU), else the sum."""
+    """The peak a plan is sized by: the compiler's own where it reports one, else the sum."""
     return memory.get("compiler_peak_bytes", memory["peak_bytes"])
 
 
