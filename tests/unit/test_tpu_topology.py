@@ -69,3 +69,12 @@ def test_unknown_topology_and_missing_libtpu_say_what_to_do(monkeypatch):
     with pytest.raises(RuntimeError, match=r"pip install -e '\.\[tpu\]'"):
         tpu_topology.devices("v5e:2x2")
     assert os.environ.get("TPU_SKIP_MDS_QUERY") == "1"  # set before libtpu was first asked
+
+
+@pytest.mark.parametrize("topology, row", [("v4:2x2x1", "v4"), ("v5e:2x2", "v5e"), ("v5p:2x2x1", "v5p"),
+                                           ("v6e:2x2", "v6e")])
+def test_the_accelerator_table_knows_each_chip_by_the_kind_libtpu_reports(topology, row):
+    """The planner's fit and the trainer's MFU read one table, matched by the device kind the compiler reports."""
+    from vllama_jax import accelerators
+
+    assert accelerators.by_device_kind(tpu_topology.devices(topology)[0].device_kind).name == row
