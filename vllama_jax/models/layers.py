@@ -178,16 +178,19 @@ def attention(query, key, value, allowed=None, *, causal: bool = False, key_mask
             raise ValueError("attention_impl='splash' takes its mask as `causal` and `key_mask`, not a general "
                              "`allowed` mask (a KV cache's offset causal mask has no splash kernel: use 'xla')")
         return _splash_attention(query, key, value, causal, key_mask)
-    allowed = _combined_mask(query.shape[1], key.shape[1], allowed, causal, key_mask)
     if impl == "dot_product_attention":
-        return _dot_product_attention(query, key, value, allowed)
-    return _einsum_attention(query, key, value, allowed, dropout)
+        # causal apart, so that cuDNN skips the masked-out half instead of reading it as a bias
+        return _dot_product_attention(query, key, value, _combined_mask(allowed, key_mask), causal)
+    causal_lengths = (query.shape[1], key.shape[1]) if causal else None
+    return _einsum_attention(query, key, value, _combined_mask(allowed, key_mask, causal_lengths), dropout)
 
 
-def _combined_mask(q_len: int, kv_len: int, allowed, causal: bool, key_mask):
-    """`allowed`, `causal` and `key_mask` as one boolean mask broadcasting to (B, 1, Sq, Sk), or None."""
+def _combined_mask(allowed, key_mask, causal_lengths: tuple[int, int] | None = None):
+    """`allowed`, `key_mask` and, given (Sq, Sk), the causal mask as one boolean mask broadcasting to
+    (B, 1, Sq, Sk); None when there is nothing to mask."""
     masks = [] if allowed is None else [allowed.astype(bool)]
-    if causal:
+    if causal_lengths is not None:
+        q_len, kv_len = causal_lengths
         masks.append((jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])[None, None])
     if key_mask is not None:
         masks.append(key_mask.astype(bool)[:, None, None, :])
@@ -223,11 +226,11 @@ def _target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def _dot_product_attention(query, key, value, allowed):
+def _dot_product_attention(query, key, value, allowed, causal: bool):
     # cuDNN's flash attention takes bfloat16 / float16 only; in float32 (and off GPU) XLA's path runs.
     on_cudnn = _target_platform() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
     return jax.nn.dot_product_attention(
-        query, key.astype(query.dtype), value.astype(query.dtype), mask=allowed,
+        query, key.astype(query.dtype), value.astype(query.dtype), mask=allowed, is_causal=causal,
         implementation="cudnn" if on_cudnn else None,
     )
 
