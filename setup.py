@@ -32,6 +32,9 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
+        # libtpu, the TPU compiler: `vllama-plan --topology` compiles for a TPU slice's abstract chips with it, on
+        # any machine (no TPU needed). jax[tpu] pins the libtpu built for its own jax version.
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         # einops, ftfy, regex, iopath: what ImageBind's model files import (the reference in
         # vllama_jax/testing/imagebind_reference.py)
         "test": [
@@ -44,6 +47,7 @@ setup(
             "regex",
             "iopath>=0.1.9",
             "ruff==0.17.6",
+            "jax[tpu]>=0.10.2,<0.11",  # the TPU compiler, for tests/unit/test_tpu_topology.py
         ],  # ruff: the style rules (pyproject.toml), checked by tests/unit/test_repository.py
     },
     entry_points={

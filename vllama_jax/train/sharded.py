@@ -17,7 +17,7 @@ from vllama_jax import sharded_model, sharding
 from vllama_jax.config import branch as config_branch
 from vllama_jax.models.video_llama import FROZEN_TOWERS, VideoLlamaConfig
 from vllama_jax.sharded_model import ShardedModel, tree_size
-from vllama_jax.train.flops import compiled_flops, scan_aware_flops
+from vllama_jax.train.flops import compiled_costs, scan_aware_costs
 from vllama_jax.train.inputs import batch_shapes
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
 from vllama_jax.train.step import TrainState, init_state, make_train_step, video_llama_loss
@@ -155,9 +155,33 @@ def step_flops(
     """Per-device FLOPs of `build_sharded_step(...)`'s step with every scanned layer counted (`flops.scan_aware_flops`:
     XLA counts a loop body once); `unscanned` is the count of the step already compiled, used when nothing is
     scanned."""
-    return scan_aware_flops(
+    return step_costs(
+        config,
         model_cfg,
-        lambda m: compiled_flops(
+        text_length,
+        mesh=mesh,
+        batch_size=batch_size,
+        cached=cached,
+        unscanned=None if unscanned is None else {"flops": unscanned},
+    )["flops"]
+
+
+def step_costs(
+    config,
+    model_cfg: VideoLlamaConfig,
+    text_length: int,
+    *,
+    mesh,
+    batch_size: int | None = None,
+    cached: bool | None = None,
+    unscanned: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """`step_flops` with the compiler's own time estimate beside the FLOPs where it gives one (XLA:TPU's
+    `optimal_seconds`), both counted over every scanned layer; `unscanned` is the costs of the step already
+    compiled (`flops.compiled_costs`)."""
+    return scan_aware_costs(
+        model_cfg,
+        lambda m: compiled_costs(
             build_sharded_step(config, m, text_length, mesh=mesh, batch_size=batch_size, cached=cached)
             .lower()
             .compile()
