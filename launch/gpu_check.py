@@ -404,4 +404,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # the spelling (--dry-run) and absl's (--dry_run) both work
+    sys.argv = ["--dry_run" if a == "--dry-run" else a for a in sys.argv]
     app.run(main)

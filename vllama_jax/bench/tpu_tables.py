@@ -77,7 +77,10 @@ flags.DEFINE_bool("render_only", False, "print the tables from the JSON files al
 
 
 def command(row, out: Path, flops: bool) -> list[str]:
+    """The row's `vllama-plan` command; the tuning rows always count FLOPs and the compiler's time estimate (what
+    a remat policy trades memory for)."""
     name, config, topology, mesh, extra = row
+    flops = flops or name.startswith("tune-")
     return [
         "vllama-plan",
         f"--config={config}",
