@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -76,7 +77,7 @@ def load_judge(directory: str | Path):
     if "lm_head.weight" not in state and hf_config.get("tie_word_embeddings"):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     llm = LlamaForCausalLM(cfg)
-    shapes = jax.eval_shape(lambda: llm.init(jax.random.key(0), np.zeros((1, 2), np.int32))["params"])
+    shapes = jax.eval_shape(lambda: nn.unbox(llm.init(jax.random.key(0), np.zeros((1, 2), np.int32))["params"]))
     flat = torch_to_flat_params(state, llama_rules(cfg), {k: v.shape for k, v in flatten(shapes).items()},
                                 source_name=str(directory), ignore=UNUSED_KEYS)
     params = jax.tree_util.tree_map(np.asarray, unflatten(flat))
@@ -97,18 +98,36 @@ def judge_rows(directory: str, rows: list[dict], path: Path, max_new_tokens: int
                log=print) -> tuple[list[dict], dict]:
     """Rows with a "judge" field (the judge's raw reply), judging those not yet in `path`; and the judge's
     identity for metrics.json."""
-    from tqdm import tqdm
-
     done = {}
     if path.exists():
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for n, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
                 done[str(record["question_id"])] = record["judge"]
             except (json.JSONDecodeError, KeyError):
-                if n != len(path.read_text(encoding="utf-8").splitlines()):
+                if n != len(lines) or text.endswith("\n"):
                     raise ValueError(f"{path} line {n}: not a judge record; delete it to judge again") from None
+                # the append a kill interrupted: drop it, that answer is judged again
+                path.write_text("".join(line + "\n" for line in lines[:-1]), encoding="utf-8")
     todo = [r for r in rows if str(r["question_id"]) not in done and not r.get("error")]
+    if todo:
+        _judge_all(directory, todo, done, path, max_new_tokens)
+    judged = []
+    for r in rows:  # an example without a prediction (missing video) is judged "no", score 0, as a wrong answer
+        reply = done.get(str(r["question_id"]), "{'pred': 'no', 'score': 0}" if r.get("error") else None)
+        judged.append({**r, "judge": reply} if reply is not None else r)
+    info = {"directory": str(directory), "name": Path(directory).name, "digest": report.digest_files(directory),
+            "decoding": "greedy", "max_new_tokens": max_new_tokens, "system": SYSTEM, "user": USER}
+    log(f"judged {len(todo)} answers with {directory} ({len(done)} verdicts in {path})")
+    return judged, info
+
+
+def _judge_all(directory: str, todo: list[dict], done: dict, path: Path, max_new_tokens: int) -> None:
+    """Ask the judge about each row of `todo`, greedy, in fixed-shape batches; replies go to `done` and `path`."""
+    from tqdm import tqdm
+
     llm, params, tokenizer = load_judge(directory)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
@@ -137,11 +156,3 @@ def judge_rows(directory: str, rows: list[dict], path: Path, max_new_tokens: int
                 out.write(json.dumps({"question_id": row["question_id"], "judge": reply}) + "\n")
             out.flush()
             bar.update(len(batch))
-    judged = []
-    for r in rows:  # an example without a prediction (missing video) is judged "no", score 0, as a wrong answer
-        reply = done.get(str(r["question_id"]), "{'pred': 'no', 'score': 0}" if r.get("error") else None)
-        judged.append({**r, "judge": reply} if reply is not None else r)
-    info = {"directory": str(directory), "name": Path(directory).name, "digest": report.digest_files(directory),
-            "decoding": "greedy", "max_new_tokens": max_new_tokens, "system": SYSTEM, "user": USER}
-    log(f"judged {len(todo)} answers with {directory} ({len(done)} verdicts in {path})")
-    return judged, info

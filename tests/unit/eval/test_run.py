@@ -13,13 +13,12 @@ from vllama_jax.eval.run import Evaluation, RunSettings
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory, tokenizer, repo_root):
-    from vllama_jax.config import load_config
+def session(tmp_path_factory, tokenizer, tiny_config):
     from vllama_jax.infer.session import load_session
 
     path = tmp_path_factory.mktemp("eval_session") / "tokenizer"
     tokenizer.save_pretrained(path)
-    config = load_config(str(repo_root / "configs/tiny_shapes.py"))
+    config = tiny_config.copy_and_resolve_references()
     config.data.tokenizer = str(path)
     return load_session(config, None, log=lambda *_: None)
 
