@@ -66,6 +66,28 @@ def _bleu_from_cooked(crefs: list, ctest: list) -> list[float]:
         return scorer.compute_score(option="closest", verbose=0)[0]
 
 
+def meteor_scores(gts: dict, res: dict, ids: list[str], scorer=None):
+    """(corpus METEOR, per-clip scores, corpus(rows) for a resample) through pycocoevalcap's METEOR process: each
+    clip's sufficient statistics are computed once by the jar (its SCORE command) and every resample is one
+    EVAL of those statistics, as `Meteor.compute_score` does for the whole set. `scorer`: a running
+    `Meteor()` to reuse (each starts a 2 GB JVM)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = scorer or Meteor()
+    with scorer.lock:
+        stats = [scorer._stat(res[k][0], gts[k]) for k in ids]
+
+    def evaluate(rows) -> tuple[float, list[float]]:
+        with scorer.lock:
+            scorer.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(stats[i] for i in rows) + "\n").encode())
+            scorer.meteor_p.stdin.flush()
+            per = [float(scorer.meteor_p.stdout.readline().strip()) for _ in rows]
+            return float(scorer.meteor_p.stdout.readline().strip()), per
+
+    value, per = evaluate(range(len(ids)))
+    return value, per, lambda rows: evaluate(rows)[0]
+
+
 def score_captions(references: dict[str, list[str]], predictions: dict[str, str], tokenizer: str = "auto",
                    meteor: bool | None = None, resamples: int = bootstrap.RESAMPLES,
                    seed: int = bootstrap.SEED) -> dict:
@@ -107,10 +129,8 @@ def score_captions(references: dict[str, list[str]], predictions: dict[str, str]
     scores["ROUGE_L"] = {"value": float(rouge), "ci95": bootstrap.mean_ci(rouge_per, resamples, seed)}
     scores["CIDEr"] = {"value": float(cider), "ci95": bootstrap.mean_ci(cider_per, resamples, seed)}
     if meteor or (meteor is None and java_available()):
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        value, meteor_per = Meteor().compute_score(gts, res)
-        scores["METEOR"] = {"value": float(value), "ci95": bootstrap.mean_ci(meteor_per, resamples, seed)}
+        value, meteor_per, meteor_corpus = meteor_scores(gts, res, ids)
+        scores["METEOR"] = {"value": value, "ci95": bootstrap.statistic_ci(meteor_corpus, len(ids), resamples, seed)}
         per_clip["METEOR"] = meteor_per
     per_clip = {name: dict(zip(ids, np.asarray(v, float).tolist())) for name, v in per_clip.items()}
     return {"tokenizer": tokenizer, "scores": scores, "per_clip": per_clip, "clips": len(ids),

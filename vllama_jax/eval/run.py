@@ -48,23 +48,28 @@ def prediction_id(task: str, row: dict) -> str:
     return str(row[score.ID_FIELD[task]])
 
 
-def read_done(path: Path, task: str) -> list[dict]:
-    """The rows of an earlier (possibly killed) run; a last line cut short by the kill is removed from the
-    file. A broken line anywhere else is an error."""
+def drop_cut_line(path: Path) -> bool:
+    """Remove a last line that a kill cut short (the file does not end in a newline); whether there was one."""
+    if not path.exists():
+        return False
+    text = path.read_text(encoding="utf-8")
+    if not text or text.endswith("\n"):
+        return False
+    path.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    return True
+
+
+def read_done(path: Path) -> list[dict]:
+    """The rows of an earlier run (after `drop_cut_line`); a line that is not JSON is an error."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").split("\n")
     rows = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            if n >= len(lines) - 1 and not path.read_text(encoding="utf-8").endswith("\n"):
-                if jax.process_index() == 0:  # the interrupted append: drop it, the example is redone
-                    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-                break
             raise ValueError(f"{path} line {n}: not JSON ({err.msg}); delete the line or the file to redo it") from err
     return rows
 
@@ -148,7 +153,11 @@ class Evaluation:
         s = self.settings
         self.all_examples = examples
         path = Path(out_dir) / "predictions.jsonl"
-        done_rows = read_done(path, s.task)
+        processes, me = jax.process_count(), jax.process_index()
+        if me == 0 and drop_cut_line(path):
+            log(f"{path}: dropped the last line, cut short by the interruption (that example is redone)")
+        multihost_utils.sync_global_devices("vllama-eval: predictions file repaired")
+        done_rows = read_done(path)
         known = {ex.id for ex in examples}
         stray = [prediction_id(s.task, r) for r in done_rows if prediction_id(s.task, r) not in known]
         if stray:
@@ -158,7 +167,6 @@ class Evaluation:
         todo = [ex for ex in examples if ex.id not in done]
         if done:
             log(f"resuming: {len(done)} of {len(examples)} examples already in {path}")
-        processes, me = jax.process_count(), jax.process_index()
         started, answered = time.perf_counter(), 0
         running = list(done_rows)
         bar = tqdm(total=len(examples), initial=len(done), unit="ex", desc=f"{s.task}", file=sys.stderr,
@@ -196,7 +204,7 @@ class Evaluation:
 
 def ordered_rows(path: Path, task: str, examples: list[Example]) -> list[dict]:
     """Rewrite predictions.jsonl in input order, checking each example is there exactly once."""
-    rows = read_done(path, task)
+    rows = read_done(path)
     by_id = {}
     for r in rows:
         key = prediction_id(task, r)

@@ -57,6 +57,10 @@ def test_open_qa_run_marks_missing_and_broken_videos_and_keeps_input_order(sessi
     before = (out / "predictions.jsonl").read_bytes()
     again = Evaluation(session, settings).run(examples, out, log=lambda *_: None)
     assert again["answered_now"] == 0 and (out / "predictions.jsonl").read_bytes() == before
+    # a kill in the middle of an append: the cut line is dropped and its example answered again
+    (out / "predictions.jsonl").write_bytes(before[: before.rfind(b"\n", 0, len(before) - 1) + 12])
+    again = Evaluation(session, settings).run(examples, out, log=lambda *_: None)
+    assert again["answered_now"] == 1 and (out / "predictions.jsonl").read_bytes() == before
 
 
 def test_option_loglikelihoods_equal_a_direct_recomputation(session, clips):

@@ -99,17 +99,25 @@ def test_caption_scores_by_hand_and_equal_to_pycocoevalcap(tmp_path):
 
 
 @pytest.mark.skipif(not caption_metrics.java_available(), reason="java is not installed")
-def test_caption_scores_with_the_ptb_tokenizer_equal_pycocoevalcaps_pipeline():
+def test_caption_scores_with_java_equal_pycocoevalcaps_pipeline():
+    """With java: the PTB tokenizer, then CIDEr-D and METEOR (the jar's corpus score) as pycocoevalcap's own
+    classes compute them."""
     from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     refs = {"v1": ["A man's dog runs.", "a dog running"], "v2": ["Two men talk", "men are talking"]}
     preds = {"v1": "a man's dog runs", "v2": "two men are talking"}
-    result = caption_metrics.score_captions(refs, preds, tokenizer="ptb", meteor=False, resamples=10)
+    result = caption_metrics.score_captions(refs, preds, tokenizer="ptb", meteor=False, resamples=3)
     gts = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
     res = PTBTokenizer().tokenize({k: [{"caption": preds[k]}] for k in refs})
-    assert result["tokenizer"] == "ptb"
+    assert result["tokenizer"] == "ptb" and gts["v1"][0] == "a man 's dog runs"
     assert result["scores"]["CIDEr"]["value"] == Cider().compute_score(gts, res)[0]
+    # METEOR: one JVM (a 2 GB heap and its paraphrase table) serves the reference call and ours
+    jar = Meteor()
+    want, want_per = jar.compute_score(gts, res)
+    value, per, corpus = caption_metrics.meteor_scores(gts, res, sorted(refs), jar)
+    assert (value, per) == (want, want_per) and corpus([0, 1]) == want
 
 
 def test_bad_predictions_files_name_the_file_and_line(tmp_path):
