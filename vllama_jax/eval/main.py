@@ -39,7 +39,6 @@ _MODE = flags.DEFINE_enum("mode", "generate", ["generate", "likelihood"],
 _BATCH = flags.DEFINE_integer("batch_size", 8, "examples per global batch (a multiple of the processes)")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "tokens per answer at most (greedy)")
 _PAD_TO = flags.DEFINE_integer("pad_to", 64, "prompts are padded to a multiple of this many tokens")
-_AUDIO = flags.DEFINE_bool("audio", False, "also feed each video's audio track (audio-branch models)")
 _TOKENIZER = flags.DEFINE_enum("caption_tokenizer", "auto", ["auto", "ptb", "python"],
                                "caption scores: PTBTokenizer (java) or the Python one; auto = ptb when java is there")
 _METEOR = flags.DEFINE_bool("meteor", None, "caption scores: METEOR (java); default: when java is there")
@@ -92,8 +91,7 @@ def run_main() -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     session = load_session(config, _CKPT.value, log=_log)
     settings = RunSettings(task=task, template=template, likelihood=_MODE.value == "likelihood",
-                           batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value, with_audio=_AUDIO.value,
-                           pad_to=_PAD_TO.value)
+                           batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value, pad_to=_PAD_TO.value)
     evaluation = Evaluation(session, settings)
     started = time.perf_counter()
     summary = evaluation.run(examples, out_dir, log=_log)

@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vllama_jax import sharding
-from vllama_jax.data import audio, media, records, video
+from vllama_jax.data import media, records, video
 from vllama_jax.eval.readers import Example
 from vllama_jax.infer import chat_prompt
 from vllama_jax.infer.generate import GenerationConfig, generate, prompt_positions, video_llama_prompt
@@ -34,10 +34,9 @@ class MediaError(ValueError):
 class Media:
     frames: np.ndarray  # (T, S, S, 3) normalised
     seconds: list[float] | None
-    clips: np.ndarray | None = None  # fbank clips with --audio
 
 
-def read_media(example: Example, session: Session, with_audio: bool) -> Media:
+def read_media(example: Example, session: Session) -> Media:
     """The example's frames (uniform over the video, or over its [start, end] window) through the project's
     media functions; MediaError names the file when it is missing or unreadable."""
     path = Path(example.video)
@@ -48,12 +47,9 @@ def read_media(example: Example, session: Session, with_audio: bool) -> Media:
             frames, seconds = media.video_frames(path, session.num_frames, session.image_size)
         else:
             frames, seconds = _window_frames(path, example.start, example.end, session)
-        clips = None
-        if with_audio:
-            clips, _ = audio.load_audio_clips(str(path), session.config.data.clips_per_video, name=str(path))
     except Exception as err:  # a broken file fails inside PyAV / numpy in many ways; the row records which
         raise MediaError(f"{path}: cannot read the video ({type(err).__name__}: {err})") from err
-    return Media(frames, seconds, clips)
+    return Media(frames, seconds)
 
 
 def _window_frames(path: Path, start: float | None, end: float | None, session: Session):
@@ -68,18 +64,14 @@ def _window_frames(path: Path, start: float | None, end: float | None, session: 
     return video.normalize(frames), [float(i) / (fps or 1.0) for i in indices[:real]]
 
 
-def blank_media(session: Session, with_audio: bool) -> Media:
-    """Zeros in place of a row whose video failed (or a filler row): computed, never reported."""
+def blank_media(session: Session) -> Media:
+    """Zeros in place of a row whose video failed: computed with the batch, never reported."""
     size = session.image_size
-    clips = None
-    if with_audio:
-        count = session.config.data.clips_per_video
-        clips = np.zeros((count, 1, audio.NUM_MEL_BINS, audio.TARGET_FRAMES), np.float32)
-    return Media(np.zeros((session.num_frames, size, size, 3), np.float32), None, clips)
+    return Media(np.zeros((session.num_frames, size, size, 3), np.float32), None)
 
 
-def prompt_ids(session: Session, template: str, question: str, item: Media, with_audio: bool) -> list[int]:
-    return chat_prompt.first_turn_ids(session, question, item.seconds, with_audio, "video", template)
+def prompt_ids(session: Session, template: str, question: str, item: Media) -> list[int]:
+    return chat_prompt.first_turn_ids(session, question, item.seconds, False, "video", template)
 
 
 def agreed_length(length: int, pad_to: int) -> int:
@@ -118,20 +110,18 @@ def batch_ways(session: Session) -> int:
 def generate_answers(session: Session, items: list[Media], rows: list[list[int]], cfg: GenerationConfig,
                      template: str, end: str | None, pad_to: int) -> list[tuple[str, int]]:
     """(answer text, generated tokens) of every row of the global batch, on every process."""
-    key = ("eval_generate", cfg, items[0].clips is not None)
+    key = ("eval_generate", cfg)
     if key not in session.compiled:
         model, llm = session.model, LlamaForCausalLM(session.model.config.llm)
 
-        def run(params, frames, clips, ids, mask):
-            embeds, mask = video_llama_prompt(model, params, ids, mask, frames, clips, "audio")
+        def run(params, frames, ids, mask):
+            embeds, mask = video_llama_prompt(model, params, ids, mask, frames)
             out = generate(llm, params["llama_model"], embeds, mask, cfg)
             return out.tokens, out.lengths
 
         session.compiled[key] = jax.jit(run)
     ids, mask = left_pad_to(rows, agreed_length(max(map(len, rows)), pad_to), cfg.pad_token_id)
-    inputs = _global(session, {"frames": np.stack([x.frames for x in items]),
-                               "clips": None if items[0].clips is None else np.stack([x.clips for x in items]),
-                               "ids": ids, "mask": mask})
+    inputs = _global(session, {"frames": np.stack([x.frames for x in items]), "ids": ids, "mask": mask})
     with jax.set_mesh(session.mesh), nn.logical_axis_rules(session.rules):
         tokens, lengths = session.compiled[key](session.params, *inputs.values())
     tokens, lengths = multihost_utils.process_allgather((tokens, lengths), tiled=True)
@@ -143,15 +133,14 @@ def option_loglikelihoods(session: Session, items: list[Media], rows: list[list[
                           options: list[list[list[int]]], num_options: int, pad_to: int) -> np.ndarray:
     """(global batch, num_options) summed log-probabilities of each option's tokens after its row's prompt;
     -inf where a row has fewer options. The media are encoded once per row, the LLM runs once per option."""
-    key = ("eval_loglik", num_options, items[0].clips is not None)
+    key = ("eval_loglik", num_options)
     if key not in session.compiled:
         model, llm = session.model, LlamaForCausalLM(session.model.config.llm)
 
-        def run(params, frames, clips, ids, mask, scored):  # ids, mask, scored: (B, options, L)
+        def run(params, frames, ids, mask, scored):  # ids, mask, scored: (B, options, L)
             ids, mask, scored = (x.reshape(-1, x.shape[-1]) for x in (ids, mask, scored))
-            soft = model.apply({"params": params}, frames, clips, "audio", method=VideoLlama.encode)
-            soft = {k: None if v is None else jnp.repeat(v, num_options, axis=0) for k, v in soft.items()}
-            embeds = model.apply({"params": params}, ids, soft.get("video"), soft.get("audio"),
+            video = model.apply({"params": params}, frames, method=VideoLlama.encode)["video"]
+            embeds = model.apply({"params": params}, ids, jnp.repeat(video, num_options, axis=0),
                                  method=VideoLlama.splice)
             logits = llm.apply({"params": params["llama_model"]}, inputs_embeds=embeds, padding_mask=mask,
                                positions=prompt_positions(mask))
@@ -172,13 +161,12 @@ def option_loglikelihoods(session: Session, items: list[Media], rows: list[list[
     scored = np.zeros_like(mask)
     for i, n in enumerate(scored_len):
         scored[i, ids.shape[1] - n:] = True
-    inputs = _global(session, {"frames": np.stack([x.frames for x in items]),
-                               "clips": None if items[0].clips is None else np.stack([x.clips for x in items])})
+    frames = _global(session, {"frames": np.stack([x.frames for x in items])})["frames"]
     shape = (len(rows), num_options, ids.shape[1])
     per_option = _global(session, {"ids": ids.reshape(shape), "mask": mask.reshape(shape),
                                    "scored": scored.reshape(shape)})
     with jax.set_mesh(session.mesh), nn.logical_axis_rules(session.rules):
-        out = session.compiled[key](session.params, inputs["frames"], inputs["clips"], **per_option)
+        out = session.compiled[key](session.params, frames, **per_option)
     out = np.asarray(multihost_utils.process_allgather(out, tiled=True), np.float64)
     present = np.asarray(multihost_utils.process_allgather(np.asarray(present).reshape(len(rows), -1), tiled=True))
     return np.where(present, out, -np.inf)

@@ -40,7 +40,6 @@ class RunSettings:
     likelihood: bool = False  # multiple choice: the option with the highest log-likelihood, nothing generated
     batch_size: int = 8  # global: every process feeds batch_size / processes rows
     max_new_tokens: int = 32
-    with_audio: bool = False
     pad_to: int = 64  # prompts are left-padded to a multiple of this (one compile per bucket)
 
 
@@ -127,13 +126,13 @@ class Evaluation:
         items, errors = [], []
         for ex in examples:
             try:
-                items.append(model_calls.read_media(ex, session, s.with_audio))
+                items.append(model_calls.read_media(ex, session))
                 errors.append("")
             except model_calls.MediaError as err:
-                items.append(model_calls.blank_media(session, s.with_audio))
+                items.append(model_calls.blank_media(session))
                 errors.append(str(err))
         prompts_ = [model_calls.prompt_ids(session, s.template, prompts.question_text(s.task, ex, s.likelihood),
-                                           item, s.with_audio) for ex, item in zip(examples, items)]
+                                           item) for ex, item in zip(examples, items)]
         gathered_errors = multihost_utils.process_allgather(np.stack([_encode_error(e) for e in errors]), tiled=True)
         if s.likelihood:
             tok = session.tokenizer

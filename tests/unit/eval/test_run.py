@@ -70,8 +70,8 @@ def test_option_loglikelihoods_equal_a_direct_recomputation(session, clips):
 
     examples = [readers.Example(f"m{i}", str(clips / f"v{i % 3}.mp4"), "what colour?", "red",
                                 ("red", "blue", "green")[: 2 + i % 2]) for i in range(8)]
-    items = [model_calls.read_media(ex, session, False) for ex in examples]
-    prompt = [model_calls.prompt_ids(session, "caption", "", item, False) for item in items]
+    items = [model_calls.read_media(ex, session) for ex in examples]
+    prompt = [model_calls.prompt_ids(session, "caption", "", item) for item in items]
     options = [[session.tokenizer(c, add_special_tokens=False)["input_ids"] for c in ex.candidates] for ex in examples]
     got = model_calls.option_loglikelihoods(session, items, prompt, options, 3, 64)
     assert got.shape == (8, 3) and np.isneginf(got[0, 2]) and np.isfinite(got[1]).all()
@@ -92,8 +92,8 @@ def test_option_loglikelihoods_equal_a_direct_recomputation(session, clips):
 
 
 def test_a_window_reads_frames_from_within_it(session, clips):
-    whole = model_calls.read_media(readers.Example("a", str(clips / "v0.mp4")), session, False)
-    late = model_calls.read_media(readers.Example("b", str(clips / "v0.mp4"), start=1.0, end=1.9), session, False)
+    whole = model_calls.read_media(readers.Example("a", str(clips / "v0.mp4")), session)
+    late = model_calls.read_media(readers.Example("b", str(clips / "v0.mp4"), start=1.0, end=1.9), session)
     assert whole.seconds[0] == 0.0 and late.seconds[0] >= 1.0 and late.seconds[-1] <= 1.9 + 1e-6
     assert late.frames.shape == whole.frames.shape
 
