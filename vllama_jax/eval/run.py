@@ -95,7 +95,7 @@ def _decode_error(raw: np.ndarray) -> str:
 
 
 class Evaluation:
-    """One run's state: the session, the settings, the generation config, the tokenised options."""
+    """One evaluation: the session, the settings and the generation config they make."""
 
     def __init__(self, session: Session, settings: RunSettings):
         self.session, self.settings = session, settings
@@ -119,9 +119,9 @@ class Evaluation:
         cfg = dataclasses.asdict(self.cfg)
         return {"mode": "generate", "greedy": not cfg["do_sample"], **cfg}
 
-    def answer_batch(self, filled: list[Example], examples: list[Example]) -> list[tuple[str, tuple]]:
-        """(error or "", (answer, tokens)) for every example of the global batch `filled`, on every process;
-        this process reads and feeds `examples`, its rows of it."""
+    def answer_batch(self, filled: list[Example], examples: list[Example], num_options: int) -> list[tuple[str, str]]:
+        """(error or "", answer) for every example of the global batch `filled`, on every process; this process
+        reads and feeds `examples`, its rows of it. `num_options`: the most options any example has."""
         s, session = self.settings, self.session
         items, errors = [], []
         for ex in examples:
@@ -136,13 +136,13 @@ class Evaluation:
         gathered_errors = multihost_utils.process_allgather(np.stack([_encode_error(e) for e in errors]), tiled=True)
         if s.likelihood:
             tok = session.tokenizer
-            num_options = max(len(ex.candidates) for ex in self.all_examples)
             options = [[tok(c, add_special_tokens=False)["input_ids"] for c in ex.candidates] for ex in examples]
             scores = model_calls.option_loglikelihoods(session, items, prompts_, options, num_options, s.pad_to)
-            answers = [(f"({LETTERS[k]}) {ex.candidates[k]}", None)
-                       for ex, k in zip(filled, np.argmax(scores, axis=1))]
+            answers = [f"({LETTERS[k]}) {ex.candidates[k]}" for ex, k in zip(filled, np.argmax(scores, axis=1))]
         else:
-            answers = model_calls.generate_answers(session, items, prompts_, self.cfg, s.template, self.end, s.pad_to)
+            generated = model_calls.generate_answers(session, items, prompts_, self.cfg, s.template, self.end,
+                                                     s.pad_to)
+            answers = [text for text, _ in generated]
         return [(_decode_error(e), a) for e, a in zip(gathered_errors, answers)]
 
     def run(self, examples: list[Example], out_dir: Path, log=print) -> dict:
@@ -150,7 +150,7 @@ class Evaluation:
         from tqdm import tqdm
 
         s = self.settings
-        self.all_examples = examples
+        num_options = max(len(ex.candidates) for ex in examples)
         path = Path(out_dir) / "predictions.jsonl"
         processes, me = jax.process_count(), jax.process_index()
         if me == 0 and drop_cut_line(path):
@@ -174,14 +174,14 @@ class Evaluation:
             batch = todo[begin:begin + s.batch_size]
             filled = batch + [batch[-1]] * (s.batch_size - len(batch))
             mine = filled[me * self.local_batch:(me + 1) * self.local_batch]
-            results = self.answer_batch(filled, mine)
+            results = self.answer_batch(filled, mine, num_options)
             new_rows = []
             for ex, (error, answer) in zip(batch, results):
                 row = _row(s.task, ex)
                 if error:
                     row.update(pred=None, error=error)
                 else:
-                    row["pred"] = answer[0]
+                    row["pred"] = answer
                 new_rows.append(row)
             if me == 0:
                 with open(path, "a", encoding="utf-8") as f:
