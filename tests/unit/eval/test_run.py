@@ -69,15 +69,15 @@ def test_option_loglikelihoods_equal_a_direct_recomputation(session, clips):
     from vllama_jax.models.llama import LlamaForCausalLM
 
     examples = [readers.Example(f"m{i}", str(clips / f"v{i % 3}.mp4"), "what colour?", "red",
-                                ("red", "blue", "green")[: 2 + i % 2]) for i in range(8)]
+                                ("red", "blue", "green", "yellow")[: 3 + i % 2]) for i in range(8)]
     items = [model_calls.read_media(ex, session) for ex in examples]
     prompt = [model_calls.prompt_ids(session, "caption", "", item) for item in items]
     options = [[session.tokenizer(c, add_special_tokens=False)["input_ids"] for c in ex.candidates] for ex in examples]
-    got = model_calls.option_loglikelihoods(session, items, prompt, options, 3, 64)
-    assert got.shape == (8, 3) and np.isneginf(got[0, 2]) and np.isfinite(got[1]).all()
+    got = model_calls.option_loglikelihoods(session, items, prompt, options, 4, 64)
+    assert got.shape == (8, 4) and np.isneginf(got[0, 3]) and np.isfinite(got[1]).all()
     llm = LlamaForCausalLM(session.model.config.llm)
     forward = jax.jit(lambda params, embeds: llm.apply({"params": params}, inputs_embeds=embeds))
-    row = 1  # three options; reference: the prompt's embeddings (session.prompt_embeddings, unpadded), each
+    row = 1  # four options; reference: the prompt's embeddings (session.prompt_embeddings, unpadded), each
     # option's token embeddings after them, one forward pass, log-softmax summed over the option's tokens
     ids = np.asarray([prompt[row]], np.int32)
     prompt_embeds, _ = session.prompt_embeddings(ids, np.ones_like(ids, bool), items[row].frames[None])
