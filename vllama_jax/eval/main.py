@@ -56,6 +56,7 @@ def _log(message: str) -> None:
 def score_main() -> dict:
     if not (_TASK.value and _PREDICTIONS.value and _OUT.value):
         raise app.UsageError("score needs --task, --predictions and --out")
+    _check_judge(_TASK.value)
     rows = score.read_predictions(_PREDICTIONS.value, _TASK.value)
     judge_info = None
     if _JUDGE.value:
@@ -68,9 +69,12 @@ def score_main() -> dict:
     return result
 
 
+def _check_judge(task: str) -> None:
+    if _JUDGE.value and task != "open_qa":
+        raise app.UsageError(f"--judge judges open-ended answers: this is a {task} task")
+
+
 def _judge(rows: list[dict], path: Path) -> tuple[list[dict], dict]:
-    if _TASK.value != "open_qa":
-        raise app.UsageError("--judge judges open-ended answers: it needs --task open_qa")
     from vllama_jax.eval import judge
 
     return judge.judge_rows(_JUDGE.value, rows, path, _JUDGE_TOKENS.value, log=_log)
@@ -85,6 +89,7 @@ def run_main() -> dict:
     task, examples = readers.read_examples(_DATA.value, _FORMAT.value, _VIDEOS.value, _SPLIT.value)
     if _TASK.value and _TASK.value != task:
         raise app.UsageError(f"--task {_TASK.value}, but {_DATA.value} is a {task} benchmark")
+    _check_judge(task)
     config = _CONFIG.value
     template = _TEMPLATE.value or config.data.get("template", "vicuna")
     out_dir = Path(_OUT.value)

@@ -53,8 +53,19 @@ def versions() -> dict:
     return out
 
 
+def _finite(value):
+    """NaN (a metric over no examples, e.g. no judge reply parsed) as null: metrics.json stays strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=1, default=str) + "\n")
+    path.write_text(json.dumps(_finite(value), indent=1, default=str, allow_nan=False) + "\n")
 
 
 def plot_per_category(result: dict, path: Path, title: str) -> None:
