@@ -30,6 +30,8 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "pycocoevalcap>=1.2,<1.3",  # vllama-eval: BLEU, ROUGE-L, CIDEr-D (and PTB/METEOR with java) as COCO scores them
+        "pyarrow>=14",  # vllama-eval: Video-MME is released as parquet
     ],
     extras_require={
         # libtpu, the TPU compiler: `vllama-plan --topology` compiles for a TPU slice's abstract chips with it, on
@@ -60,6 +62,7 @@ setup(
             "vllama-chat=vllama_jax.infer.chat:cli",
             "vllama-caption=vllama_jax.infer.caption:cli",
             "vllama-plan=vllama_jax.plan:cli",
+            "vllama-eval=vllama_jax.eval.main:cli",
         ],
     },
 )
