@@ -8,6 +8,10 @@ from pathlib import Path
 import ml_collections
 
 from vllama_jax.models.video_llama import Branch, VideoLlamaConfig
+from vllama_jax.models.video_llava import VideoLlavaConfig
+
+# The model dataclass of each model family (`config.family`).
+MODEL_CONFIGS = {"video_llama": VideoLlamaConfig, "video_llava": VideoLlavaConfig}
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -41,9 +45,12 @@ def parse_arg(arg: str, positional: tuple[str, ...] = (), **defaults) -> ml_coll
     return ml_collections.ConfigDict(out)
 
 
-def model_config(config: ml_collections.ConfigDict) -> VideoLlamaConfig:
-    """The frozen model dataclass for `config.model` (raises on unknown keys)."""
-    return VideoLlamaConfig.from_dict(config.model.to_dict())
+def model_config(config: ml_collections.ConfigDict) -> VideoLlamaConfig | VideoLlavaConfig:
+    """The frozen model dataclass of the config's family for `config.model` (raises on unknown keys)."""
+    family = config.get("family", "video_llama")
+    if family not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model family {family!r}: expected one of {sorted(MODEL_CONFIGS)}")
+    return MODEL_CONFIGS[family].from_dict(config.model.to_dict())
 
 
 def branch(config: ml_collections.ConfigDict) -> Branch:

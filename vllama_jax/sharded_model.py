@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from vllama_jax import checkpoints, sharding
 from vllama_jax.config import branch
+from vllama_jax.models import video_llava as video_llava_model
 from vllama_jax.models.video_llama import VideoLlama, init_params
 
 
@@ -131,7 +132,16 @@ def video_llama(config, model_cfg, mesh: Mesh) -> ShardedModel:
     )
 
 
-FAMILIES: dict[str, Callable[..., ShardedModel]] = {"video_llama": video_llama}
+def video_llava(config, model_cfg, mesh: Mesh) -> ShardedModel:
+    """Video-LLaVA (`models.video_llava`): the config's `train.trainable` subtrees (the recipe's)."""
+    module = video_llava_model.VideoLlava(model_cfg)
+    return ShardedModel(
+        module, lambda rng: video_llava_model.init_params(module, rng), tuple(config.train.trainable), mesh,
+        rules_of(config), config.seed,
+    )
+
+
+FAMILIES: dict[str, Callable[..., ShardedModel]] = {"video_llama": video_llama, "video_llava": video_llava}
 
 
 def rules_of(config) -> list[tuple]:
