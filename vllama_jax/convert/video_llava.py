@@ -1,13 +1,15 @@
 """Video-LLaVA key mapping, as data: the original release layout and transformers' `-hf` layouts <-> our params.
 
-Three layouts of one model (`LAYOUTS`), differing only in prefixes:
+Four layouts of one model (`LAYOUTS`), differing only in prefixes:
 - "original" (`LanguageBind/Video-LLaVA-7B`): `model.image_tower.image_tower.*`, `model.video_tower.video_tower.*`
   (with the temporal layers), `model.mm_projector.{0,2}.*`, `model.layers.*`, `model.embed_tokens.*`,
   `model.norm.*`, `lm_head.*`;
-- "hf" (what transformers 5 saves): `model.image_tower.*`, `model.video_tower.*`,
-  `model.multi_modal_projector.linear_{1,2}.*`, `model.language_model.*`, `lm_head.*`;
-- "hf_legacy" (`LanguageBind/Video-LLaVA-7B-hf` as published, transformers < 4.52): `image_tower.vision_model.*`,
-  `video_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.*`.
+- "hf" (what transformers 5 `save_pretrained` writes, and what export writes): `image_tower.*`, `video_tower.*`,
+  `multi_modal_projector.linear_{1,2}.*`, `language_model.model.*`, `language_model.lm_head.*`;
+- "hf_hub" (`LanguageBind/Video-LLaVA-7B-hf` as published): as "hf" with `image_tower.vision_model.*` and
+  `video_tower.vision_model.*`;
+- "hf_state_dict" (a transformers 5 model's `state_dict()`): `model.image_tower.*`, `model.video_tower.*`,
+  `model.multi_modal_projector.*`, `model.language_model.*`, `lm_head.*`.
 
 The transformers towers have no temporal layers: a config with `video_tower.temporal_attention=True` finds
 their keys missing (refused), and `export_state_dict(..., layout="hf")` refuses such params unless told to
@@ -22,13 +24,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
+import jax
+import ml_dtypes
 import numpy as np
 
 from vllama_jax.convert import llama, sources
 from vllama_jax.convert.mapping import ConversionError, Rule, expand_layers, flatten, prefixed, unflatten
 from vllama_jax.convert.video_llama import export_state_dict, load_state_dict
 from vllama_jax.models.clip_vit import ClipVitConfig
-from vllama_jax.models.video_llava import VideoLlavaConfig
+from vllama_jax.models.video_llava import VideoLlava, VideoLlavaConfig, init_params
 
 # Per layer: key suffix, our path under `layers_{n}`, transform.
 LAYER_TABLE = (
@@ -81,15 +86,18 @@ class Layout:
     llm_head: str  # what replaces `lm_head.`
 
 
+# In the order `detect_layout` tries them: a prefix that begins another layout's comes after it.
 LAYOUTS = {
     "original": Layout("model.image_tower.image_tower.", "model.video_tower.video_tower.",
                        ("model.mm_projector.0.", "model.mm_projector.2."), "model.", "lm_head."),
-    "hf": Layout("model.image_tower.", "model.video_tower.",
-                 ("model.multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_2."),
-                 "model.language_model.", "lm_head."),
-    "hf_legacy": Layout("image_tower.vision_model.", "video_tower.vision_model.",
-                        ("multi_modal_projector.linear_1.", "multi_modal_projector.linear_2."),
-                        "language_model.model.", "language_model.lm_head."),
+    "hf_state_dict": Layout("model.image_tower.", "model.video_tower.",
+                            ("model.multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_2."),
+                            "model.language_model.", "lm_head."),
+    "hf_hub": Layout("image_tower.vision_model.", "video_tower.vision_model.",
+                     ("multi_modal_projector.linear_1.", "multi_modal_projector.linear_2."),
+                     "language_model.model.", "language_model.lm_head."),
+    "hf": Layout("image_tower.", "video_tower.", ("multi_modal_projector.linear_1.", "multi_modal_projector.linear_2."),
+                 "language_model.model.", "language_model.lm_head."),
 }
 
 
@@ -137,8 +145,7 @@ def scanned_subtrees(config: VideoLlavaConfig) -> list[tuple[str, int]]:
 
 
 def detect_layout(keys) -> str:
-    """The layout a set of keys is in, by its image tower's prefix (the most specific first: "hf"'s prefix
-    begins the original's)."""
+    """The layout a set of keys is in, by its image tower's prefix."""
     for name, layout in LAYOUTS.items():
         if any(k.startswith(layout.image_tower) for k in keys):
             return name
@@ -170,14 +177,32 @@ def weight_files(path: str | Path) -> list[Path]:
     return found
 
 
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """{key: array} of every tensor in the checkpoint at `path` (each file's header read first, so a damaged
-    file is named before anything is loaded)."""
+class LazyStateDict(Mapping):
+    """{key: array} over the tensors of checkpoint files, each read from its file when asked for (so an import
+    holds the converted parameters, not a second copy of the source)."""
+
+    def __init__(self, tensors: dict[str, sources.Tensor]):
+        self.tensors = tensors
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.tensors[key].load()
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def read_state_dict(paths: str | Path | list) -> LazyStateDict:
+    """Every tensor of the checkpoints at `paths` (later ones win key by key), lazily; each file's header is read
+    here, so a damaged file is named before anything is loaded."""
     tensors: dict[str, sources.Tensor] = {}
-    for file in weight_files(path):
-        read = sources._read_safetensors if file.suffix == ".safetensors" else sources._read_pth
-        tensors.update(read(file))
-    return {k: t.load() for k, t in tensors.items()}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        for file in weight_files(path):
+            read = sources._read_safetensors if file.suffix == ".safetensors" else sources._read_pth
+            tensors.update(read(file))
+    return LazyStateDict(tensors)
 
 
 def import_params(state_dict: Mapping[str, Any], config: VideoLlavaConfig, abstract_params: Any, *,
@@ -298,3 +323,52 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], out: str | Path, *, co
             (partial / "config.json").write_text(json.dumps(config_json, indent=1))
         partial.rename(out)
     return out
+
+
+# ---- `vllama-convert` for the video_llava family ----
+
+def abstract_params(config: VideoLlavaConfig) -> dict:
+    """The model's parameter shapes and dtypes, without allocating them."""
+    return nn.unbox(jax.eval_shape(lambda: init_params(VideoLlava(config), jax.random.PRNGKey(0))))
+
+
+def run_import(config: VideoLlavaConfig, *, source_paths, out: str, dry_run: bool = False, log=print) -> int:
+    """Import Video-LLaVA checkpoints (original or transformers layout; later sources win key by key) into one
+    orbax parameter checkpoint at `out`, every array in the model's parameter dtype."""
+    from vllama_jax.checkpoints import save_params
+
+    if Path(out).exists():
+        raise FileExistsError(f"{out} already exists; refusing to overwrite")
+    state = read_state_dict(list(source_paths))
+    abstract = abstract_params(config)
+    params, layout = import_params(state, config, abstract, source_name=", ".join(map(str, source_paths)))
+    source_dtypes = {np.dtype(t.dtype).name for t in state.tensors.values()}
+    params = jax.tree_util.tree_map(lambda x, a: np.asarray(x).astype(a.dtype, copy=False), params, abstract)
+    bfloat16_params = any(np.dtype(a.dtype) == ml_dtypes.bfloat16 for a in jax.tree_util.tree_leaves(abstract))
+    narrowed = bfloat16_params and source_dtypes - {"bfloat16"}
+    count = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
+    log(f"{layout} layout: {len(state)} tensors -> {count:,} parameters (source dtypes {sorted(source_dtypes)})")
+    if narrowed:
+        log(f"note: {sorted(source_dtypes - {'bfloat16'})} values rounded to the model's bfloat16 parameters")
+    if dry_run:
+        log("dry run: every key and shape checked; nothing written")
+        return 0
+    save_params(out, params)
+    log(f"wrote {out}")
+    return 0
+
+
+def run_export(config: VideoLlavaConfig, params: dict, *, out: str, layout: str = "original",
+               drop_temporal_attention: bool = False, log=print) -> int:
+    """Write `params` as a folder of safetensors shards in `layout` ("original", or "hf" for transformers, with
+    its config.json); nothing is written when refused."""
+    if Path(out).exists():
+        raise FileExistsError(f"{out} already exists; refusing to overwrite")
+    config_json = hf_config(config) if layout != "original" else None
+    state, dropped = export_params(params, config, layout, drop_temporal_attention=drop_temporal_attention)
+    if dropped:
+        log(f"dropped the video tower's temporal attention: {dropped:,} parameters (transformers has no place "
+            f"for them; its video features will differ from the original's)")
+    save_state_dict(state, out, config_json=config_json)
+    log(f"wrote {out}: {len(state)} tensors in the {layout} layout")
+    return 0

@@ -67,7 +67,7 @@ def test_images_and_spatial_videos_match_transformers(setup):
     assert error <= TOLERANCE, error
     # transformers' own layout imports to the same parameters
     hf_params, hf_layout = jax_params(spatial, reference.numpy_state(hf))
-    assert hf_layout == "hf"
+    assert hf_layout == "hf_state_dict"
     jax.tree_util.tree_map(np.testing.assert_array_equal, hf_params, params)
 
 
