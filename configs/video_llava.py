@@ -80,10 +80,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.batch_size = 8 if tiny else row["batch"]
     steps = 3 if tiny else math.ceil(row["samples"] / row["batch"])
     config.data = dict(
-        # a batch holds this many images and videos at static shapes (the k-th image of the batch fills the k-th
-        # <image> block, in row order); rows without a placeholder are text-only
-        images_per_batch=config.batch_size // 2,
-        videos_per_batch=config.batch_size // 2,
+        # a batch holds share × rows images and videos at static shapes (the k-th image of the batch fills the
+        # k-th <image> block, in row order); rows without a placeholder are text-only
+        image_share=0.5,
+        video_share=0.5,
         num_frames=config.model.video_tower.num_frames,
         # tokens per row after expanding <image> / <video> (the original truncates the spliced sequence at
         # tokenizer_model_max_length 3072)

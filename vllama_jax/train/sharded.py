@@ -16,9 +16,10 @@ import optax
 from vllama_jax import sharded_model, sharding
 from vllama_jax.config import branch as config_branch
 from vllama_jax.models.video_llama import FROZEN_TOWERS, VideoLlamaConfig
+from vllama_jax.models.video_llava import video_llava_loss
 from vllama_jax.sharded_model import ShardedModel, tree_size
 from vllama_jax.train.flops import compiled_flops, scan_aware_flops
-from vllama_jax.train.inputs import batch_shapes
+from vllama_jax.train.inputs import batch_shapes, video_llava_batch_shapes
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
 from vllama_jax.train.step import TrainState, init_state, make_train_step, video_llama_loss
 
@@ -102,25 +103,31 @@ def build_sharded_step(
     cached = bool(config.data.get("feature_cache", "")) if cached is None else cached
     batch_size = config.batch_size if batch_size is None else batch_size
     model = sharded_model.from_config(config, model_cfg, mesh=mesh)
-    branch = config_branch(config)
-    frozen_names = tuple(k for k in model.frozen_names if not (cached and k in FROZEN_TOWERS))
+    if config.get("family", "video_llama") == "video_llava":  # media only, no feature cache
+        frozen_names, loss_fn = model.frozen_names, video_llava_loss(model.module)
+        shapes = video_llava_batch_shapes(model_cfg, batch_size, text_length, config.data.image_share,
+                                          config.data.video_share)
+    else:
+        branch = config_branch(config)
+        frozen_names = tuple(k for k in model.frozen_names if not (cached and k in FROZEN_TOWERS))
+        loss_fn = video_llama_loss(model.module, branch, cached)
+        all_shapes = batch_shapes(model_cfg, batch_size, config.data.num_frames, text_length,
+                                  config.data.clips_per_video)
+        shapes = {k: all_shapes[k] for k in branch.batch_keys(cached)}
     opt_cfg = OptimizerConfig(**config.optimizer.to_dict())
     optimizer = make_optimizer(opt_cfg)
     state_seed = config.seed + 1
     trainable = model.split(model.boxed_params)[0]
     abstract_state = jax.eval_shape(lambda t: init_state(t, optimizer, jax.random.PRNGKey(state_seed)), trainable)
     state_shardings = sharding.mesh_shardings(abstract_state, model.mesh, model.rules)
-    shapes = batch_shapes(model_cfg, batch_size, config.data.num_frames, text_length, config.data.clips_per_video)
     batch = {
         k: jax.ShapeDtypeStruct(
-            shapes[k].shape,
-            shapes[k].dtype,
-            sharding=sharding.batch_sharding(model.mesh, len(shapes[k].shape), model.rules),
+            shape.shape, shape.dtype, sharding=sharding.batch_sharding(model.mesh, len(shape.shape), model.rules)
         )
-        for k in branch.batch_keys(cached)
+        for k, shape in shapes.items()
     }
     step_fn = jax.jit(
-        make_train_step(video_llama_loss(model.module, branch, cached), optimizer, opt_cfg),
+        make_train_step(loss_fn, optimizer, opt_cfg),
         in_shardings=(
             state_shardings,
             {k: model.shardings[k] for k in frozen_names},
