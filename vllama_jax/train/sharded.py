@@ -8,10 +8,12 @@ and the benchmark. Every array's sharding is derived from the models' logical ax
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from vllama_jax import sharded_model, sharding
 from vllama_jax.config import branch as config_branch
@@ -121,9 +123,7 @@ def build_sharded_step(
     abstract_state = jax.eval_shape(lambda t: init_state(t, optimizer, jax.random.PRNGKey(state_seed)), trainable)
     state_shardings = sharding.mesh_shardings(abstract_state, model.mesh, model.rules)
     batch = {
-        k: jax.ShapeDtypeStruct(
-            shape.shape, shape.dtype, sharding=sharding.batch_sharding(model.mesh, len(shape.shape), model.rules)
-        )
+        k: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=_batch_sharding(model, shape.shape))
         for k, shape in shapes.items()
     }
     step_fn = jax.jit(
@@ -147,6 +147,15 @@ def build_sharded_step(
         step_fn=step_fn,
         state_seed=state_seed,
     )
+
+
+def _batch_sharding(model: ShardedModel, shape: tuple[int, ...]) -> NamedSharding:
+    """Rows over the batch axes; an array whose leading size they do not divide (a Video-LLaVA batch's few
+    images or videos) is replicated instead."""
+    rows = sharding.batch_sharding(model.mesh, len(shape), model.rules)
+    axes = rows.spec[0] if len(rows.spec) else None
+    shards = math.prod(model.mesh.shape[name] for name in ((axes,) if isinstance(axes, str) else (axes or ())))
+    return rows if shape[0] % shards == 0 else NamedSharding(model.mesh, PartitionSpec())
 
 
 def step_flops(

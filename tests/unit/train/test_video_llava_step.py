@@ -54,7 +54,8 @@ def train(config, model_cfg, mesh, data):
         start = trainable
         losses = []
         for batch in data:
-            state, metrics = step.step_fn(state, frozen, {k: jax.device_put(v, step.batch[k].sharding) for k, v in batch.items()})
+            placed = {k: jax.device_put(v, step.batch[k].sharding) for k, v in batch.items()}
+            state, metrics = step.step_fn(state, frozen, placed)
             losses.append(float(metrics["loss"]))
     return step, start, jax.device_get(state.trainable), losses
 
