@@ -7,11 +7,13 @@ from pathlib import Path
 
 import ml_collections
 
+from vllama_jax.models.lora import LoraConfig
 from vllama_jax.models.video_llama import Branch, VideoLlamaConfig
 from vllama_jax.models.video_llava import VideoLlavaConfig
 
-# The model dataclass of each model family (`config.family`).
+# The model dataclass of each model family (`config.family`), and the top-level subtree holding its LLM.
 MODEL_CONFIGS = {"video_llama": VideoLlamaConfig, "video_llava": VideoLlavaConfig}
+LLM_SUBTREES = {"video_llama": "llama_model", "video_llava": "language_model"}
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -56,3 +58,12 @@ def model_config(config: ml_collections.ConfigDict) -> VideoLlamaConfig | VideoL
 def branch(config: ml_collections.ConfigDict) -> Branch:
     """What the config's stage trains and reads (`train.branch`, `data.audio_source`), validated."""
     return Branch(config.train.branch, config.data.audio_source)
+
+
+def lora_config(config: ml_collections.ConfigDict) -> LoraConfig:
+    """The config's LoRA adapters (`config.lora`: rank, alpha, targets; rank 0 or no `lora` = none), on the
+    family's LLM."""
+    fields = config.get("lora")
+    lora = LoraConfig.from_dict(fields.to_dict() if fields is not None else {})
+    family = config.get("family", "video_llama")
+    return LoraConfig(lora.rank, lora.alpha, lora.targets, LLM_SUBTREES[family]) if lora.subtree == "" else lora

@@ -21,7 +21,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vllama_jax import checkpoints, sharding
-from vllama_jax.config import branch
+from vllama_jax.config import branch, lora_config
+from vllama_jax.models import lora
 from vllama_jax.models import video_llava as video_llava_model
 from vllama_jax.models.video_llama import VideoLlama, init_params
 
@@ -156,4 +157,18 @@ def from_config(config, model_cfg, *, mesh: Mesh | None = None) -> ShardedModel:
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}: expected one of {sorted(FAMILIES)}")
     mesh = sharding.make_mesh(dict(config.mesh)) if mesh is None else mesh
-    return FAMILIES[family](config, model_cfg, mesh)
+    model = FAMILIES[family](config, model_cfg, mesh)
+    adapters = lora_config(config)
+    return with_lora(model, adapters) if adapters.rank else model
+
+
+def with_lora(model: ShardedModel, adapters: lora.LoraConfig) -> ShardedModel:
+    """`model` with LoRA adapters on its LLM (`models.lora`): a `lora` subtree, trained instead of the LLM."""
+    base = model.init
+
+    def init(rng):
+        params = base(rng)
+        return {**params, **lora.init(params, adapters, jax.random.fold_in(rng, 1))}
+
+    trainable = tuple(n for n in model.trainable_names if n != adapters.subtree) + ("lora",)
+    return ShardedModel(model.module, init, trainable, model.mesh, model.rules, model.seed)

@@ -32,7 +32,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vllama_jax.checkpoints import read_saved
-from vllama_jax.config import model_config
+from vllama_jax.config import lora_config, model_config
 from vllama_jax.convert import sources as src
 from vllama_jax.convert import video_llava
 from vllama_jax.convert.mapping import ConversionError, flatten, unflatten, unstack_numbered
@@ -44,6 +44,7 @@ from vllama_jax.convert.torch_io import (
     write_import,
 )
 from vllama_jax.convert.video_llama import UNUSED_KEYS, scanned_subtrees, unscanned_abstract, video_llama_rules
+from vllama_jax.models import lora
 from vllama_jax.models.video_llama import AUDIO_TRAINABLE, VISUAL_TRAINABLE, VideoLlama, VideoLlamaConfig, init_params
 from vllama_jax.models.video_llava import VideoLlavaConfig
 
@@ -142,7 +143,7 @@ VIDEO_LLAVA_FORMATS = {"video_llava": "original", "video_llava_hf": "hf"}
 
 def run_export(model_cfg: VideoLlamaConfig | VideoLlavaConfig, *, param_paths: Sequence[str], out: str,
                out_format: str = "video_llama", trainable_only: bool = False,
-               drop_temporal_attention: bool = False) -> int:
+               drop_temporal_attention: bool = False, adapters: lora.LoraConfig | None = None) -> int:
     """Merge `param_paths` (later ones win) and write them as the original `{'model': state_dict}` .pth
     (`out_format="video_llama"`) or a Hugging Face Llama folder of the LLM (`out_format="hf_llama"`); a
     Video-LLaVA model as the original release's folder ("video_llava") or transformers' ("video_llava_hf")."""
@@ -152,6 +153,11 @@ def run_export(model_cfg: VideoLlamaConfig | VideoLlavaConfig, *, param_paths: S
         choices = sorted(VIDEO_LLAVA_FORMATS) if is_llava else ["hf_llama", "video_llama"]
         raise ValueError(f"--format {out_format} is not a {family} format: expected one of {choices}")
     params = read_params(param_paths)
+    if "lora" in params:  # a LoRA run: its adapters fold into the LLM's weights
+        if adapters is None or not adapters.rank:
+            raise ValueError("the params hold LoRA adapters: give the run's config (with its lora.rank and alpha)")
+        params = lora.merge(params, adapters)
+        print(f"merged the LoRA adapters into {adapters.subtree} (scale {adapters.scale:g})")
     if is_llava:
         return video_llava.run_export(model_cfg, params, out=out, layout=VIDEO_LLAVA_FORMATS[out_format],
                                       drop_temporal_attention=drop_temporal_attention)
@@ -233,7 +239,8 @@ COMMANDS = {
     "export": Command(
         "orbax parameters -> the original .pth or a Hugging Face Llama folder", _export_flags, ("params", "out"),
         lambda fv: run_export(flag_model_config(fv), param_paths=fv.params, out=fv.out, out_format=fv.format,
-                              trainable_only=fv.trainable_only, drop_temporal_attention=fv.drop_temporal_attention)),
+                              trainable_only=fv.trainable_only, drop_temporal_attention=fv.drop_temporal_attention,
+                              adapters=lora_config(fv.config))),
 }
 
 

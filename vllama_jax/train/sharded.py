@@ -17,6 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vllama_jax import sharded_model, sharding
 from vllama_jax.config import branch as config_branch
+from vllama_jax.config import lora_config
+from vllama_jax.models import lora
 from vllama_jax.models.video_llama import FROZEN_TOWERS, VideoLlamaConfig
 from vllama_jax.models.video_llava import video_llava_loss
 from vllama_jax.sharded_model import ShardedModel, tree_size
@@ -116,6 +118,10 @@ def build_sharded_step(
         all_shapes = batch_shapes(model_cfg, batch_size, config.data.num_frames, text_length,
                                   config.data.clips_per_video)
         shapes = {k: all_shapes[k] for k in branch.batch_keys(cached)}
+    adapters = lora_config(config)
+    if adapters.rank:  # the LLM runs with its adapters folded in
+        family_loss = loss_fn
+        loss_fn = lambda params, batch, rng: family_loss(lora.merge(params, adapters), batch, rng)  # noqa: E731
     opt_cfg = OptimizerConfig(**config.optimizer.to_dict())
     optimizer = make_optimizer(opt_cfg)
     state_seed = config.seed + 1
