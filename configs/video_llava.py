@@ -88,7 +88,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # tokens per row after expanding <image> / <video> (the original truncates the spliced sequence at
         # tokenizer_model_max_length 3072)
         text_length=40 if tiny else 3072,
-        random_flip_at_eval=False,  # the original flips videos at random at evaluation too; off here by default
     )
     config.optimizer = dataclasses.asdict(OptimizerConfig())
     config.optimizer.update(

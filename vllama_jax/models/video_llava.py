@@ -137,12 +137,17 @@ class VideoLlava(nn.Module):
                 embeds = splice_in_batch_order(embeds, is_placeholder, soft.astype(embeds.dtype))
         return embeds
 
+    def prompt_embeds(self, input_ids, images=None, videos=None):
+        """The LLM's input embeddings: the text's, with the images' and videos' soft tokens at their placeholders
+        (what cached generation starts from, `infer.generate`)."""
+        image_soft = None if images is None else self.encode_images(images)
+        video_soft = None if videos is None else self.encode_videos(videos)
+        return self.splice(input_ids, image_soft, video_soft)
+
     def __call__(self, input_ids, padding_mask=None, *, images=None, videos=None):
         """-> float32 logits (B, S, vocab). images (N_images, H, W, 3) and videos (N_videos, T, H, W, 3), either
         may be None (then nothing of that kind is spliced)."""
-        image_soft = None if images is None else self.encode_images(images)
-        video_soft = None if videos is None else self.encode_videos(videos)
-        inputs_embeds = self.splice(input_ids, image_soft, video_soft)
+        inputs_embeds = self.prompt_embeds(input_ids, images, videos)
         return self.language_model(inputs_embeds=inputs_embeds, padding_mask=padding_mask)
 
     def initialize(self, input_ids, images, videos):

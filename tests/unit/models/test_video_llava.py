@@ -113,3 +113,30 @@ def test_a_video_of_the_wrong_length_is_refused(setup):
     with pytest.raises(ValueError, match="exactly num_frames=4"):
         jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32),
                                           videos=jnp.zeros((1, 3, 28, 28, 3))))
+
+
+def test_greedy_generation_matches_transformers(setup):
+    """Cached decoding (`infer.generate`) after Video-LLaVA's prompt embeddings gives transformers' `generate`
+    tokens, for a video prompt and an image prompt."""
+    import functools
+
+    from vllama_jax.infer.generate import GenerationConfig, generate
+    from vllama_jax.models.llama import LlamaForCausalLM
+
+    config, spatial, hf, _, images, videos, ids = setup
+    params, _ = jax_params(spatial, reference.original_state_dict(hf, None))
+    model = video_llava.VideoLlava(spatial)
+    cfg = GenerationConfig(max_new_tokens=6, eos_token_id=2, pad_token_id=0)
+    run = jax.jit(functools.partial(generate, LlamaForCausalLM(spatial.llm), cfg=cfg))
+    hf.generation_config.pad_token_id, hf.generation_config.eos_token_id = 0, 2
+    for row, media in ((1, dict(videos=videos)), (0, dict(images=images))):
+        prompt = jnp.asarray(ids[row:row + 1, :-5])
+        embeds = model.apply({"params": params}, prompt, **media, method=video_llava.VideoLlava.prompt_embeds)
+        out = run(params["language_model"], embeds, jnp.ones(prompt.shape, bool))
+        tokens = list(np.asarray(out.tokens[0, : int(out.lengths[0])]))
+        pixels = ({"pixel_values_videos": torch_videos(videos)} if "videos" in media
+                  else {"pixel_values": torch_images(images)})
+        with torch.no_grad():
+            expected = hf.generate(input_ids=torch.from_numpy(np.array(prompt)).long(), max_new_tokens=6,
+                                   do_sample=False, **pixels)[0, prompt.shape[1]:].tolist()
+        assert tokens == expected[: len(tokens)] and len(tokens) == len(expected)
