@@ -67,3 +67,13 @@ def lora_config(config: ml_collections.ConfigDict) -> LoraConfig:
     lora = LoraConfig.from_dict(fields.to_dict() if fields is not None else {})
     family = config.get("family", "video_llama")
     return LoraConfig(lora.rank, lora.alpha, lora.targets, LLM_SUBTREES[family]) if lora.subtree == "" else lora
+
+
+def require_family(config: ml_collections.ConfigDict, tool: str, families: tuple[str, ...] = ("video_llama",)) -> None:
+    """Refuse, naming the tool, a config of a model family the tool does not serve yet."""
+    family = config.get("family", "video_llama")
+    if family not in families:
+        raise ValueError(
+            f"{tool} does not take the {family} family yet (it serves {', '.join(families)}): see docs/{family}.md "
+            f"for what exists (model, conversion, train step, planner)"
+        )

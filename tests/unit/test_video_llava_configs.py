@@ -64,3 +64,22 @@ def test_stage2_shards_the_7b_fine_tune_over_fsdp_and_tensor(repo_root):
     kernel = mu["language_model"]["decoder"]["layers"]["up_proj"]["kernel"]
     assert kernel.shape == (32, 4096, 11008)
     assert kernel.sharding.shard_shape(kernel.shape) == (32, 1024, 5504)
+
+
+def test_the_warmup_cosine_schedule_is_transformers(repo_root):
+    from vllama_jax.train.optimizer import OptimizerConfig, learning_rate_schedule
+
+    opt = full("stage2", repo_root).optimizer
+    schedule = learning_rate_schedule(OptimizerConfig(**opt.to_dict()))
+    total, warmup = opt.iters_per_epoch, opt.warmup_steps
+    assert float(schedule(0)) == 0.0 and float(schedule(warmup)) == pytest.approx(2e-5)
+    assert float(schedule(warmup // 2)) == pytest.approx(2e-5 * (warmup // 2) / warmup)
+    assert float(schedule(warmup + (total - warmup) // 2)) == pytest.approx(1e-5, rel=1e-3)
+    assert float(schedule(total)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_tools_without_the_family_refuse_it(repo_root):
+    from vllama_jax.config import require_family
+
+    with pytest.raises(ValueError, match="vllama-train does not take the video_llava family yet"):
+        require_family(full("stage1", repo_root), "vllama-train")

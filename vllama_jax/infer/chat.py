@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vllama_jax.config import require_family
 from vllama_jax.data.media import audio_clips, image_frames, video_frames
 from vllama_jax.infer import chat_prompt
 from vllama_jax.infer.generate import DEMO, context_start
@@ -146,6 +147,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    try:
+        require_family(_CONFIG.value, "vllama-chat")
+    except ValueError as err:
+        raise app.UsageError(str(err)) from err
     session = load_session(_CONFIG.value, _CKPT.value, log=log)
     template = _TEMPLATE.value or _CONFIG.value.data.get("template", "vicuna")
     if template not in chat_prompt.TEMPLATE_NAMES:
