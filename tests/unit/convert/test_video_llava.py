@@ -151,3 +151,11 @@ def test_read_saved_gives_the_imported_arrays(repo_root, release, tmp_path):
     params, _ = read_saved(tmp_path / "c")
     kernel = np.asarray(params["mm_projector"]["linear_1"]["kernel"])
     np.testing.assert_array_equal(kernel, original["model.mm_projector.0.weight"].T)
+
+
+def test_a_transformers_export_needs_a_vocabulary_holding_the_placeholders(release, tmp_path):
+    config, spatial, *_ = release
+    small = dataclasses.replace(spatial, llm=dataclasses.replace(spatial.llm, vocab_size=510))
+    with pytest.raises(ConversionError, match=r"ids \(510, 511\) in the embedding table of 510 rows"):
+        convert.run_export(small, {}, out=tmp_path / "hf", layout="hf")
+    assert not list(tmp_path.iterdir())
