@@ -6,6 +6,9 @@
     vllama-convert import --config=configs/video_llama.py:tiny --config.model.llm.num_layers=3 --dry_run …
     vllama-convert export --config=… --params=ckpt/frozen --params=runs/stage1 --format=video_llama --out=vl.pth
     vllama-convert export --config=… --params=ckpt/frozen --format=hf_llama --out=llama-hf/
+    vllama-convert import --config=configs/video_llava.py:llm=vicuna_7b --source=Video-LLaVA-7B/ --out=ckpt/vllava
+    vllama-convert export --config=configs/video_llava.py:llm=vicuna_7b --params=ckpt/vllava --format=video_llava_hf \
+        --drop_temporal_attention --out=vllava-hf/
 
 The command comes first, then absl flags (`--out=DIR` or `--out DIR`); after `--config`, any config field can be
 overridden with `--config.<field>=<value>`. `vllama-convert import --help` lists a command's flags.
@@ -14,6 +17,8 @@ Import: later sources override earlier ones where they hold a key. `--part=froze
 `train.frozen_checkpoint` reads, `--part=trainable` what `train.init_trainable` reads, `all` both. Export reads
 parameter checkpoints and run directories (their newest trainable weights) and writes the original
 `{'model': state_dict}` (`--trainable_only` for what the original demo loads as `ckpt`) or a Hugging Face folder.
+A Video-LLaVA config (`family = "video_llava"`, docs/video_llava.md) imports the original release or a
+transformers folder and exports to either (`--format=video_llava|video_llava_hf`).
 Errors (a refused source, a bad flag) print one `vllama-convert: …` message and exit with status 2.
 """
 from __future__ import annotations
