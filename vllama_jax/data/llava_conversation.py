@@ -116,10 +116,18 @@ def conversation_ids(tokenizer, turns: list[dict], num_frames: int, template: st
     return np.array(ids, np.int64), labels, matched
 
 
+def prompt_ids(tokenizer, turns: list[dict], num_frames: int, template: str = "llava_v1") -> np.ndarray:
+    """Ids (with sentinels) of a prompt for generation: the turns so far and an open assistant turn, as the
+    original's evaluation and CLI build it (`llava_v1`)."""
+    turns = [dict(t, value=t["value"].replace(VIDEO_TAG, _FRAME_TAG * num_frames)) for t in turns]
+    return np.array(tokenize_with_media(tokenizer, render(turns, template, open_answer=True)), np.int64)
+
+
 def splice_placeholders(ids: np.ndarray, labels: np.ndarray, *, image_tokens: int, frame_tokens: int,
-                        image_token_id: int, video_token_id: int, max_length: int = 3072):
+                        image_token_id: int, video_token_id: int, max_length: int | None = 3072):
     """Each image sentinel -> image_tokens × image_token_id, each frame sentinel -> frame_tokens ×
-    video_token_id (labels IGNORE_INDEX there), the result cut at max_length: what `models.video_llava` splices."""
+    video_token_id (labels IGNORE_INDEX there), the result cut at max_length (None: not cut): what
+    `models.video_llava` splices."""
     out_ids, out_labels = [], []
     for token, label in zip(ids.tolist(), labels.tolist()):
         if token in (IMAGE_SENTINEL, FRAME_SENTINEL):
