@@ -104,14 +104,15 @@ def video_llava_batch_shapes(model_cfg, batch_size: int, text_length: int, image
                              video_share: float) -> dict[str, jax.ShapeDtypeStruct]:
     """Global shapes of a Video-LLaVA batch: `batch_size` rows of `text_length` tokens, and the static numbers of
     images (image_share × rows) and videos (video_share × rows) they hold (`models.video_llava`: the k-th of the
-    batch fills the k-th block of placeholders)."""
+    batch fills the k-th block of placeholders); a kind with none is left out of the batch."""
     image, video = model_cfg.image_tower, model_cfg.video_tower
+    images, videos = int(batch_size * image_share), int(batch_size * video_share)
+    media = {
+        "images": jax.ShapeDtypeStruct((images, image.image_size, image.image_size, 3), jnp.float32),
+        "videos": jax.ShapeDtypeStruct((videos, video.num_frames, video.image_size, video.image_size, 3), jnp.float32),
+    }
     return {
-        "images": jax.ShapeDtypeStruct((int(batch_size * image_share), image.image_size, image.image_size, 3),
-                                       jnp.float32),
-        "videos": jax.ShapeDtypeStruct(
-            (int(batch_size * video_share), video.num_frames, video.image_size, video.image_size, 3), jnp.float32
-        ),
+        **{k: v for k, v in media.items() if v.shape[0]},
         "input_ids": jax.ShapeDtypeStruct((batch_size, text_length), jnp.int32),
         "padding_mask": jax.ShapeDtypeStruct((batch_size, text_length), jnp.bool_),
         "labels": jax.ShapeDtypeStruct((batch_size, text_length), jnp.int32),

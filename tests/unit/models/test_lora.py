@@ -48,3 +48,19 @@ def test_merged_kernels_compute_x_w_plus_scaled_x_a_b():
     np.testing.assert_array_equal(merged["llm"]["layers"]["up_proj"]["kernel"], q)
     with pytest.raises(ValueError, match="need the weights they adapt"):
         lora.merge(trained, cfg)
+
+
+def test_either_family_trains_adapters_instead_of_its_llm(repo_root):
+    """By shape: Video-LLaMA's stage glue plus adapters on `llama_model`, Video-LLaVA's projector plus adapters on
+    `language_model`; the LLM itself is frozen."""
+    from vllama_jax import sharded_model
+    from vllama_jax.config import load_config, model_config
+
+    for spec, llm, glue in (("video_llama.py:llm=tiny,recipe=vision_stage2", "llama_model", "llama_proj"),
+                            ("video_llava.py:llm=tiny,recipe=stage2", "language_model", "mm_projector")):
+        config = load_config(str(repo_root / "configs" / spec))
+        config.lora = {"rank": 4, "alpha": 8.0}
+        model = sharded_model.from_config(config, model_config(config))
+        assert glue in model.trainable_names and "lora" in model.trainable_names and llm in model.frozen_names
+        adapter = model.abstract(["lora"])["lora"][llm]["decoder"]["layers_0"]["up_proj"]
+        assert adapter["a"].shape == (64, 4) and adapter["b"].shape == (4, 128)
