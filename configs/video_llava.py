@@ -88,6 +88,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # tokens per row after expanding <image> / <video> (the original truncates the spliced sequence at
         # tokenizer_model_max_length 3072)
         text_length=40 if tiny else 3072,
+        tokenizer="",  # the LLM's tokenizer directory (Vicuna's), read by vllama-chat
     )
     config.optimizer = dataclasses.asdict(OptimizerConfig())
     config.optimizer.update(
