@@ -84,7 +84,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # k-th <image> block, in row order); rows without a placeholder are text-only
         image_share=0.5,
         video_share=0.5,
-        num_frames=config.model.video_tower.num_frames,
         # tokens per row after expanding <image> / <video> (the original truncates the spliced sequence at
         # tokenizer_model_max_length 3072)
         text_length=40 if tiny else 3072,
@@ -95,17 +94,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         schedule="warmup_cosine", init_lr=row["lr"], min_lr=0.0, warmup_lr=0.0, weight_decay=0.0,
         warmup_steps=math.ceil(WARMUP_RATIO * steps), iters_per_epoch=steps, max_epoch=1,
     )
-    config.train = dict(
-        steps=steps,
-        trainable=TRAINABLE[args.recipe],
-        frozen_checkpoint="",
-        init_trainable="",
-        checkpoint_every=500,
-        keep=3,
-        max_nonfinite=10,
-        log_every=1 if tiny else 50,
-        peak_flops=0.0,
-    )
+    config.train = dict(steps=steps, trainable=TRAINABLE[args.recipe])
     config.mesh = dict(data=-1, fsdp=1, tensor=1) if tiny else dict(data=1, fsdp=-1, tensor=1)
     config.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]
     return config
