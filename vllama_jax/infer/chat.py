@@ -5,7 +5,7 @@
     vllama-chat --config configs/video_llava.py:llm=vicuna_7b --config.data.tokenizer=vicuna-7b-v1.5 \
         --ckpt ckpt/vllava --video clip.mp4 --question "What happens?" --greedy      # Video-LLaVA
 
-A Video-LLaVA config answers each --question about the --video on its own, with the original's evaluation
+A Video-LLaVA config answers each --question about the --video (or --image) on its own, with the original's evaluation
 prompt (llava_v1), from a parameter checkpoint of the whole model (`vllama-convert import`'s output).
 
 Interactive mode streams the answer token by token; `/reset` starts the conversation again (same media),
@@ -148,7 +148,7 @@ def _media(session: Session):
 
 
 def _video_llava_answers(log) -> None:
-    """Video-LLaVA: each --question about the --video on its own (no interactive mode yet), printed as JSON."""
+    """Video-LLaVA: each --question about the --video or --image on its own (no interactive mode yet), as JSON."""
     from vllama_jax import sharded_model
     from vllama_jax.config import model_config
     from vllama_jax.data import llava_video
@@ -156,17 +156,20 @@ def _video_llava_answers(log) -> None:
     from vllama_jax.infer import llava_answer
 
     config = _CONFIG.value
-    if not (_QUESTION.value and _VIDEO.value and _CKPT.value) or _IMAGE.value or _AUDIO.value:
+    if not (_QUESTION.value and _CKPT.value) or bool(_VIDEO.value) == bool(_IMAGE.value) or _AUDIO.value:
         raise app.UsageError("a Video-LLaVA config takes --ckpt (a parameter checkpoint of the whole model, e.g. "
-                             "vllama-convert import's), --video and --question (images and interactive mode: not yet)")
+                             "vllama-convert import's), one of --video and --image, and --question (no audio, no "
+                             "interactive mode yet)")
     if not config.data.tokenizer:
         raise app.UsageError("set --config.data.tokenizer to the LLM's tokenizer directory")
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = sharded_model.from_config(config, model_config(config))
     with model.on_mesh():
         params = model.load_frozen(_CKPT.value, model.names)
-    tower = model.module.config.video_tower
-    frames = llava_video.load_video(_VIDEO.value, tower.num_frames, tower.image_size)
+    towers = model.module.config
+    media = (dict(video=llava_video.load_video(_VIDEO.value, towers.video_tower.num_frames,
+                                               towers.video_tower.image_size))
+             if _VIDEO.value else dict(image=llava_video.load_image(_IMAGE.value, towers.image_tower.image_size)))
     cfg = dataclasses.replace(
         DEMO, do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
         top_p=_TOP_P.value, top_k=_TOP_K.value, num_beams=_BEAMS.value, repetition_penalty=_REPETITION.value,
@@ -177,11 +180,11 @@ def _video_llava_answers(log) -> None:
     for i, question in enumerate(_QUESTION.value):
         started = time.perf_counter()
         with model.on_mesh():
-            text, tokens, _ = llava_answer.answer(model.module, params, tokenizer, question, video=frames, cfg=cfg,
-                                                  rng=jax.random.key(_SEED.value + i))
+            text, tokens, _ = llava_answer.answer(model.module, params, tokenizer, question, cfg=cfg,
+                                                  rng=jax.random.key(_SEED.value + i), **media)
         turns.append({"question": question, "answer": text, "tokens": len(tokens),
                       "seconds": round(time.perf_counter() - started, 2)})
-    print(json.dumps({"media": _VIDEO.value, "template": "llava_v1", "turns": turns}))
+    print(json.dumps({"media": _VIDEO.value or _IMAGE.value, "template": "llava_v1", "turns": turns}))
 
 
 def main(argv):

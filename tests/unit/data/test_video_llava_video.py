@@ -3,6 +3,7 @@ PyTorch (/255, CLIP normalise, pytorchvideo's ShortSideScale = F.interpolate bil
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from vllama_jax.data import llava_video
@@ -35,3 +36,37 @@ def test_frames_match_the_original_transform(tmp_path):
     flips = np.random.default_rng(3).random() < 0.5
     flipped = llava_video.transform(frames, flip_rng=rng)
     np.testing.assert_array_equal(flipped, ours[:, :, ::-1] if flips else ours)
+
+
+def image_reference(path, size: int, pad: bool) -> np.ndarray:
+    """LanguageBind's image transform in PyTorch: (expand2square) → ToTensor → Resize(size, bicubic) on the tensor
+    (no antialiasing) → CenterCrop → Normalize."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    if pad:
+        image = llava_video.expand_to_square(image, (122, 116, 104))
+    x = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)[None]
+    h, w = x.shape[2:]
+    short, long = (w, h) if w <= h else (h, w)
+    new = (int(size * long / short), size) if w <= h else (size, int(size * long / short))
+    x = torch.nn.functional.interpolate(x, size=new, mode="bicubic", align_corners=False)[0]
+    top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    x = x[:, top:top + size, left:left + size]
+    x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    return x.permute(1, 2, 0).numpy()
+
+
+def test_images_match_the_original_transform(tmp_path):
+    from vllama_jax.data.synthetic import write_test_image
+
+    path = write_test_image(tmp_path / "image.jpg", size=(40, 30))
+    for pad in (False, True):
+        ours = llava_video.load_image(path, pad=pad)
+        error = float(np.abs(ours - image_reference(path, 224, pad)).max())
+        print(f"max |image - reference| (pad={pad}) = {error:.2e}")
+        assert ours.shape == (224, 224, 3) and error <= 1e-5
+    assert llava_video.PAD_COLOUR == (122, 116, 104)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.jpg: cannot read image"):
+        llava_video.load_image(tmp_path / "bad.jpg")

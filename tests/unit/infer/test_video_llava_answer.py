@@ -1,5 +1,5 @@
 """Answering with Video-LLaVA (`infer/llava_answer.py`): the evaluation prompt around a real mp4's frames, and
-cached greedy decoding that agrees with the full forward pass token by token (tiny random model)."""
+cached greedy decoding that agrees with the full forward pass token by token (tiny random model); an image too."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 
 from vllama_jax.config import load_config, model_config
 from vllama_jax.data import llava_video
-from vllama_jax.data.synthetic import write_test_video
+from vllama_jax.data.synthetic import write_test_image, write_test_video
 from vllama_jax.infer import llava_answer
 from vllama_jax.infer.generate import GenerationConfig
 from vllama_jax.models.video_llava import VideoLlava, init_params
@@ -31,5 +31,8 @@ def test_a_video_question_is_answered_as_the_full_forward_pass_would(repo_root, 
     full = np.concatenate([ids, np.asarray(tokens, ids.dtype)[None, :-1]], axis=1)
     logits = jax.jit(lambda p, x: model.apply({"params": p}, x, videos=jnp.asarray(frames)[None]))(params, full)
     np.testing.assert_array_equal(np.argmax(np.asarray(logits[0, ids.shape[1] - 1:]), -1), tokens)
+    image = llava_video.load_image(write_test_image(tmp_path / "cat.jpg"), size=cfg.image_tower.image_size)
+    text, tokens, ids = llava_answer.answer(model, params, tokenizer, "what is it", image=image, cfg=gen)
+    assert (ids == cfg.image_token_id).sum() == cfg.image_tokens and 1 <= len(tokens) <= 5
     with pytest.raises(ValueError, match="exactly one of video and image"):
         llava_answer.prompt(model, tokenizer, "?", video=frames, image=frames[0])
