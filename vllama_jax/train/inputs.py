@@ -100,25 +100,6 @@ def batch_shapes(
     }
 
 
-def video_llava_batch_shapes(model_cfg, batch_size: int, text_length: int, image_share: float,
-                             video_share: float) -> dict[str, jax.ShapeDtypeStruct]:
-    """Global shapes of a Video-LLaVA batch: `batch_size` rows of `text_length` tokens, and the static numbers of
-    images (image_share × rows) and videos (video_share × rows) they hold (`models.video_llava`: the k-th of the
-    batch fills the k-th block of placeholders); a kind with none is left out of the batch."""
-    image, video = model_cfg.image_tower, model_cfg.video_tower
-    images, videos = int(batch_size * image_share), int(batch_size * video_share)
-    media = {
-        "images": jax.ShapeDtypeStruct((images, image.image_size, image.image_size, 3), jnp.float32),
-        "videos": jax.ShapeDtypeStruct((videos, video.num_frames, video.image_size, video.image_size, 3), jnp.float32),
-    }
-    return {
-        **{k: v for k, v in media.items() if v.shape[0]},
-        "input_ids": jax.ShapeDtypeStruct((batch_size, text_length), jnp.int32),
-        "padding_mask": jax.ShapeDtypeStruct((batch_size, text_length), jnp.bool_),
-        "labels": jax.ShapeDtypeStruct((batch_size, text_length), jnp.int32),
-    }
-
-
 def cache_layout(branch: Branch, model_cfg: VideoLlamaConfig, pipeline_cfg: PipelineConfig) -> dict:
     """What a frozen-feature cache must match to feed a config's step: branch, audio source and every array's shape."""
     shapes = batch_shapes(model_cfg, 1, pipeline_cfg.num_frames, pipeline_cfg.text_length, pipeline_cfg.clips_per_video)

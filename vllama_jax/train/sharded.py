@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -23,7 +24,7 @@ from vllama_jax.models.video_llama import FROZEN_TOWERS, VideoLlamaConfig
 from vllama_jax.models.video_llava import video_llava_loss
 from vllama_jax.sharded_model import ShardedModel, tree_size
 from vllama_jax.train.flops import compiled_flops, scan_aware_flops
-from vllama_jax.train.inputs import batch_shapes, video_llava_batch_shapes
+from vllama_jax.train.inputs import batch_shapes
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
 from vllama_jax.train.step import TrainState, init_state, make_train_step, video_llama_loss
 
@@ -90,6 +91,25 @@ class ShardedStep:
             "optimizer_bytes": tree_size(self.abstract_state.opt_state)[1],
             "not_read": not_read,
         }
+
+
+def video_llava_batch_shapes(model_cfg, batch_size: int, text_length: int, image_share: float,
+                             video_share: float) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shapes of a Video-LLaVA batch: `batch_size` rows of `text_length` tokens, and the static numbers of
+    images (image_share × rows) and videos (video_share × rows) they hold (`models.video_llava`: the k-th of the
+    batch fills the k-th block of placeholders); a kind with none is left out of the batch."""
+    image, video = model_cfg.image_tower, model_cfg.video_tower
+    images, videos = int(batch_size * image_share), int(batch_size * video_share)
+    media = {
+        "images": jax.ShapeDtypeStruct((images, image.image_size, image.image_size, 3), np.float32),
+        "videos": jax.ShapeDtypeStruct((videos, video.num_frames, video.image_size, video.image_size, 3), np.float32),
+    }
+    return {
+        **{k: v for k, v in media.items() if v.shape[0]},
+        "input_ids": jax.ShapeDtypeStruct((batch_size, text_length), np.int32),
+        "padding_mask": jax.ShapeDtypeStruct((batch_size, text_length), np.bool_),
+        "labels": jax.ShapeDtypeStruct((batch_size, text_length), np.int32),
+    }
 
 
 def build_sharded_step(
