@@ -120,7 +120,7 @@ def plan_train(
         "step": "train",
         "config": config.name,
         "recipe": config.recipe,
-        "branch": config.train.branch,
+        "branch": config.train.get("branch") or "+".join(config.train.trainable),  # Video-LLaVA: what it trains
         "cached": cached,
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
@@ -162,6 +162,8 @@ def default_text_length(config, model_cfg) -> int:
     from vllama_jax.config import branch
     from vllama_jax.train.inputs import text_length
 
+    if config.get("family") == "video_llava":  # a fixed bucket: expanded placeholders + text
+        return config.data.text_length
     return text_length(branch(config), model_cfg, config.data.max_txt_len)
 
 
