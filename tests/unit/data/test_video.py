@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllama_jax.data import video
+from vllama_jax.data import video, video_decode
 from vllama_jax.data.synthetic import write_test_video
 
 
@@ -156,25 +156,30 @@ def true_keyframes(path):
         return [round((f.pts - start) * tb * rate) for f in container.decode(stream) if f.key_frame]
 
 
+def open_decoder(path):
+    container = av.open(str(path))
+    table = video_decode.frame_table(container, str(path))
+    return video_decode._SeekingDecoder(container, str(path), table, reopen=lambda: av.open(str(path)))
+
+
 def test_seeking_decodes_only_part_of_a_long_clip(tmp_path):
     path = encode(tmp_path / "long.mp4", moving_bar(300), gop=50, options=NO_SCENECUT)  # 12 s at 25 fps, 2-s GOPs
     keyframes = true_keyframes(path)
     assert len(keyframes) == 6
     indices = video.frame_indices(300, 8)  # 0, 37, 75, ... 262: closer together than one GOP
-    with av.open(str(path)) as container:
-        decoder = video._SeekingDecoder(container, str(path))
-        assert decoder.keyframes == keyframes  # estimated from the mp4 index without decoding
-        for target in indices:
-            assert decoder.index_of(decoder.get(target).pts) == target
+    decoder = open_decoder(path)
+    assert list(decoder.table.keyframes) == keyframes  # from the packets' flags, without decoding
+    for target in indices:
+        assert decoder.table.index_of(decoder.get(target).pts, None) == target
     # it decodes on when no keyframe lies between (0 -> 37, 150 -> 187 with keyframes every ~50) and seeks else
     assert 4 <= decoder.seeks <= 7
     assert decoder.decoded_frames < 0.65 * 300, decoder.decoded_frames
-    # an index-less container (MPEG-TS): the GOP is learnt from the keyframes decoded so far
+    decoder.container.close()
+    # an index-less container (MPEG-TS): the keyframes come from the packets all the same
     ts = encode(tmp_path / "long.ts", moving_bar(300), gop=50, options=NO_SCENECUT)
-    with av.open(str(ts)) as container:
-        decoder = video._SeekingDecoder(container, str(ts), reopen=lambda: av.open(str(ts)))
-        assert decoder.keyframes is None
-        got = [decoder.index_of(decoder.get(t).pts) for t in indices]
+    decoder = open_decoder(ts)
+    got = [decoder.table.index_of(decoder.get(t).pts, None) for t in indices]
+    decoder.container.close()
     assert got == list(indices) and decoder.decoded_frames < 300, decoder.decoded_frames
     full, _ = video.read_frames(ts, indices, 32)
     np.testing.assert_array_equal(video.read_frames_seeking(ts, indices, 32)[0], full)
