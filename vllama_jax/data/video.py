@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 # the decoding entry points, re-exported so that callers keep one import
-from vllama_jax.data.video_decode import count_frames, read_frames, read_frames_seeking  # noqa: F401
+from vllama_jax.data.video_decode import count_frames, read_frames, read_frames_seeking, read_sampled  # noqa: F401
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -46,10 +46,12 @@ def normalize(frames_uint8: np.ndarray) -> np.ndarray:
 
 
 def load_video(path: str | Path, n_frms: int, image_size: int, sampling: str = "uniform", rng=None) -> np.ndarray:
-    """The eval-processor path: n_frms frames of `path`, resized and normalised, (n_frms, H, W, 3) float32."""
-    indices = frame_indices(count_frames(path), n_frms, sampling, rng)
-    frames, _ = read_frames_seeking(path, indices, image_size)
-    return normalize(frames)
+    """The original's `load_video` + eval processor: n_frms frames of `path` (min(n_frms, frame count) for a short
+    video, as the original), decoded at image_size² and normalised, (n, S, S, 3) float32."""
+    frames, _, _ = read_sampled(
+        path, lambda count: frame_indices(count, min(n_frms, count), sampling, rng), image_size, str(path)
+    )
+    return eval_transform(frames, image_size)
 
 
 def sample_indices_padded(num_video_frames: int, n_frms: int, sampling: str, rng=None) -> tuple[np.ndarray, int]:
@@ -141,27 +143,35 @@ def resize_bicubic(frames: np.ndarray, size, width: int | None = None) -> np.nda
     return np.einsum("oh,thwc,pw->topc", rows, frames.astype(np.float64), cols, optimize=path)
 
 
-def _to_uint8(frames: np.ndarray) -> np.ndarray:
-    # The original casts with `.to(torch.uint8)`, which truncates toward zero and wraps values outside 0..255
-    # (bicubic overshoot: −3 becomes 253, 258 becomes 2). The wrap-around is NOT reproduced: values are clipped
-    # to 0..255 first, then truncated toward zero like the cast.
-    return np.clip(frames, 0, 255).astype(np.uint8)
+def to_uint8(frames: np.ndarray, wrap: bool = True) -> np.ndarray:
+    """Float frames -> uint8 as the original's `.to(torch.uint8)` casts them: truncated toward zero, and values
+    outside 0..255 (bicubic overshoot at hard edges) wrap around modulo 256 (−3 becomes 253, 258 becomes 2).
+    `wrap=False` is the clean variant: clip to 0..255 first (a dark pixel next to a bright edge stays dark)."""
+    if not wrap:
+        return np.clip(frames, 0, 255).astype(np.uint8)
+    return (np.trunc(frames).astype(np.int64) & 255).astype(np.uint8)
 
 
 def train_transform(
-    frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int, scale: tuple[float, float] = TRAIN_CROP_SCALE
+    frames_uint8: np.ndarray,
+    rng: np.random.Generator,
+    image_size: int,
+    scale: tuple[float, float] = TRAIN_CROP_SCALE,
+    wrap_uint8: bool = True,
 ) -> np.ndarray:
-    """The original `alpro_video_train`: one RandomResizedCrop box (area fraction `scale`, the original's
-    0.5–1; ratio 3/4–4/3) for the whole clip, bicubic back to image_size², cast to uint8 (see `_to_uint8`), /255,
-    CLIP-normalise. float32 out."""
+    """The original `alpro_video_train` on frames decoded at image_size² (decord's resize): one RandomResizedCrop
+    box (area fraction `scale`, the original's 0.5–1; ratio 3/4–4/3) for the whole clip, bicubic back to
+    image_size² as PyTorch computes it (no antialiasing), cast to uint8 (`to_uint8`: wrapping as the original
+    unless `wrap_uint8` is False), /255, CLIP-normalise. float32 out."""
     top, left, h, w = random_resized_crop_params(frames_uint8.shape[1], frames_uint8.shape[2], rng, scale=scale)
     crop = frames_uint8[:, top : top + h, left : left + w]
-    return normalize(_to_uint8(resize_bicubic(crop, image_size)))
+    return normalize(to_uint8(resize_bicubic(crop, image_size), wrap_uint8))
 
 
 def eval_transform(frames_uint8: np.ndarray, image_size: int | None = None) -> np.ndarray:
-    """The original `alpro_video_eval`: frames decoded at image_size² already -> /255 -> CLIP-normalise. Frames of
-    another size (when image_size is given) are first resized bicubically."""
+    """The original `alpro_video_eval`: frames decoded at image_size² already (`read_frames_seeking`) -> /255 ->
+    CLIP-normalise. Frames of another size are refused: resizing here would not be decord's resize."""
     if image_size is not None and frames_uint8.shape[1:3] != (image_size, image_size):
-        frames_uint8 = _to_uint8(resize_bicubic(frames_uint8, image_size))
+        raise ValueError(f"eval_transform: frames of {frames_uint8.shape[1:3]} given for {image_size}²; decode them "
+                         f"at that size (read_frames_seeking(..., image_size)), as the original's decord does")
     return normalize(frames_uint8)

@@ -274,12 +274,14 @@ def read_frames_seeking(source, indices, image_size: int | None, name: str | Non
     Seeks to the keyframe before a wanted frame instead of decoding the whole stream, and decodes on when the
     next wanted frame is in the GOP being decoded (see `_SeekingDecoder`); only wanted frames are scaled.
     """
+    frames, _, fps = read_sampled(source, lambda count: indices, image_size, name)
+    return frames, fps
+
+
+def read_sampled(source, pick, image_size: int | None, name: str | None = None) -> tuple[np.ndarray, list[int], float]:
+    """`read_frames_seeking` of the indices `pick(frame count)` chooses, counting the frames on the same demuxing
+    pass (decord's count, whatever a record or header says): (frames, the indices, average fps)."""
     label = _source_label(source, name)
-    order = [int(i) for i in np.asarray(indices).reshape(-1)]
-    if not order:
-        raise ValueError(f"{label}: no frame indices given")
-    if min(order) < 0:
-        raise ValueError(f"{label}: negative frame index {min(order)}")
     found: dict[int, np.ndarray] = {}
     container = decoder = None
     scaler = _Scaler(image_size)
@@ -288,6 +290,11 @@ def read_frames_seeking(source, indices, image_size: int | None, name: str | Non
         table = frame_table(container, label)
         if table.count == 0:
             raise ValueError(f"{label}: the video has no frames")
+        order = [int(i) for i in np.asarray(pick(table.count)).reshape(-1)]
+        if not order:
+            raise ValueError(f"{label}: no frame indices given")
+        if min(order) < 0:
+            raise ValueError(f"{label}: negative frame index {min(order)}")
         if max(order) >= table.count:
             raise ValueError(f"{label}: frame {max(order)} is past the end of the video (last frame "
                              f"{table.count - 1})")
@@ -301,4 +308,4 @@ def read_frames_seeking(source, indices, image_size: int | None, name: str | Non
             decoder.container.close()  # the one it reopened, if it did
         elif container is not None:
             container.close()
-    return np.stack([found[i] for i in order]), table.fps
+    return np.stack([found[i] for i in order]), order, table.fps

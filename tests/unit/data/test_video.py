@@ -357,10 +357,16 @@ def test_train_transform_matches_a_torch_reference():
     top, left, h, w = video.random_resized_crop_params(60, 80, np.random.default_rng(seed))
     crop = torch.from_numpy(frames).double().permute(3, 0, 1, 2)[:, :, top : top + h, left : left + w]  # (C, T, H, W)
     resized = torch.nn.functional.interpolate(crop, size=(32, 32), mode="bicubic", align_corners=False)
-    as_uint8 = resized.clamp(0, 255).to(torch.uint8)  # clamped: torch alone would wrap out-of-range values
+    assert ((resized < 0) | (resized > 255)).any()  # bicubic overshoot on noise: the cast's two behaviours differ
+    as_uint8 = resized.to(torch.uint8)  # the original's cast: out-of-range values wrap around
     reference = clip_normalize(as_uint8.permute(1, 2, 3, 0).float() / 255.0).numpy()
     assert ours.shape == (4, 32, 32, 3) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, reference, atol=1e-5)
+    # the clean variant (data.wrap_uint8 = False) clips them
+    clean = video.train_transform(frames, np.random.default_rng(seed), 32, wrap_uint8=False)
+    reference = clip_normalize(resized.clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).float() / 255.0).numpy()
+    np.testing.assert_allclose(clean, reference, atol=1e-5)
+    assert not np.array_equal(clean, ours)
     # one crop box for the whole clip: identical frames stay identical
     same = video.train_transform(np.repeat(frames[:1], 3, axis=0), np.random.default_rng(0), 32)
     assert (same[0] == same[1]).all() and (same[1] == same[2]).all()
@@ -370,7 +376,7 @@ def test_train_transform_matches_a_torch_reference():
     assert h * w >= 0.88 * 60 * 80 and not np.array_equal(mild, ours)
     crop = torch.from_numpy(frames).double().permute(3, 0, 1, 2)[:, :, top : top + h, left : left + w]
     resized = torch.nn.functional.interpolate(crop, size=(32, 32), mode="bicubic", align_corners=False)
-    reference = clip_normalize(resized.clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).float() / 255.0).numpy()
+    reference = clip_normalize(resized.to(torch.uint8).permute(1, 2, 3, 0).float() / 255.0).numpy()
     np.testing.assert_allclose(mild, reference, atol=1e-5)
 
 
@@ -379,7 +385,8 @@ def test_eval_transform():
     reference = clip_normalize(torch.from_numpy(frames).float() / 255.0).numpy()
     np.testing.assert_allclose(video.eval_transform(frames), reference, atol=1e-6)
     np.testing.assert_array_equal(video.eval_transform(frames, 28), video.eval_transform(frames))
-    assert video.eval_transform(frames[:, :10, :20], 28).shape == (8, 28, 28, 3)
+    with pytest.raises(ValueError, match="decode them at that size"):
+        video.eval_transform(frames[:, :10, :20], 28)  # another resize would not be decord's
 
 
 def test_sample_indices_padded():
