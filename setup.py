@@ -44,6 +44,7 @@ setup(
             "regex",
             "iopath>=0.1.9",
             "ruff==0.17.6",
+            "decord==0.6.0",  # the original's video reader: the frame reference in tests, never a package dependency
         ],  # ruff: the style rules (pyproject.toml), checked by tests/unit/test_repository.py
     },
     entry_points={
