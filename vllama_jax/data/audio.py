@@ -110,17 +110,25 @@ def fbank_clips(
 
 
 def resample_kernel(orig_freq: int, new_freq: int, lowpass_filter_width: int = 6, rolloff: float = 0.99):
-    """torchaudio's `sinc_interp_hann` filter bank: (new, 2·width + orig) float64 taps for the frequencies reduced by
-    their gcd, and `width`. A sinc low-passed at rolloff × the lower Nyquist rate, under a Hann window
-    (cos² over ±lowpass_filter_width zero crossings), one row per output phase."""
+    """torchaudio's `sinc_interp_hann` filter bank: (new, 2·width + orig) taps for the frequencies reduced by their
+    gcd, and `width`. A sinc low-passed at rolloff × the lower Nyquist rate, under a Hann window (cos² over
+    ±lowpass_filter_width zero crossings), one row per output phase.
+
+    Computed in float32 in torchaudio's order of operations, as it does for a float32 waveform: the taps' float32
+    rounding alone moves the resampled waveform by ~6e-6, which the top mel bins (7.5–8 kHz, just under the
+    filter's cutoff, where little energy is left) turn into log-mel differences of up to 0.04."""
+    f32 = np.float32
     orig, new = int(orig_freq), int(new_freq)
     cutoff = min(orig, new) * rolloff
     width = math.ceil(lowpass_filter_width * orig / cutoff)
-    taps = np.arange(-width, width + orig, dtype=np.float64)[None, :] / orig
-    t = (taps - np.arange(new, dtype=np.float64)[:, None] / new) * cutoff
-    t = np.clip(t, -lowpass_filter_width, lowpass_filter_width)
-    window = np.cos(t * math.pi / lowpass_filter_width / 2) ** 2
-    return np.sinc(t) * window * (cutoff / orig), width
+    taps = np.arange(-width, width + orig, dtype=f32)[None, :] / f32(orig)
+    t = (np.arange(0, -new, -1, dtype=f32)[:, None] / f32(new) + taps) * f32(cutoff)
+    t = np.clip(t, f32(-lowpass_filter_width), f32(lowpass_filter_width))
+    window = np.cos(t * f32(math.pi) / f32(lowpass_filter_width) / f32(2)) ** 2
+    t = t * f32(math.pi)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sinc = np.where(t == 0, f32(1), np.sin(t) / t)
+    return (sinc * (window * f32(cutoff / orig))).astype(f32), width
 
 
 def resample(waveform: np.ndarray, orig_freq: int, new_freq: int, lowpass_filter_width: int = 6,
