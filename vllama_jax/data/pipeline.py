@@ -59,6 +59,9 @@ class PipelineConfig:
     # the train crop's float -> uint8 cast wraps out-of-range values as the original's `.to(torch.uint8)` does;
     # False clips them instead (the clean variant; docs/data.md)
     wrap_uint8: bool = True
+    # the clean variant of the video train crop: draw the box on the native-size frames and resize it once,
+    # antialiased (video.train_transform_native), instead of the original's crop of frames decoded at image_size²
+    crop_native: bool = False
     num_soft_tokens: int = 32
     image_token_id: int = 32000
     text_length: int = 1 + 32 + 32  # BOS + soft tokens + max_txt_len for captions
@@ -175,24 +178,26 @@ class ExampleBuilder(grain.transforms.RandomMap):
                                                                             rng)
             return picked["indices"]
 
-        raw = self._decode(sample, pick, cfg.image_size, name)
+        native = cfg.train and cfg.crop_native
+        raw = self._decode(sample, pick, None if native else cfg.image_size, name)
         indices, real = picked["indices"], picked["real"]
-        frames = (
-            video.train_transform(raw, rng, cfg.image_size, cfg.crop_scale, cfg.wrap_uint8)
-            if cfg.train
-            else video.eval_transform(raw, cfg.image_size)
-        )
+        if native:
+            frames = video.train_transform_native(raw, rng, cfg.image_size, cfg.crop_scale)
+        elif cfg.train:
+            frames = video.train_transform(raw, rng, cfg.image_size, cfg.crop_scale, cfg.wrap_uint8)
+        else:
+            frames = video.eval_transform(raw, cfg.image_size)
         # a short video's repeated last frame only keeps the shapes fixed: the model reads the real frames alone
         # (the original's min(n_frms, vlen) frames of a short video)
         frame_mask = np.arange(cfg.num_frames) < real
         fps = sample.fps or 1.0
         return frames.astype(np.float32), frame_mask, [float(i) / fps for i in indices[:real]], real < cfg.num_frames
 
-    def _decode(self, sample: records.Sample, pick, size: int, name: str) -> np.ndarray:
-        """The frames `pick(frame count)` chooses (uint8, decoded at size² as decord does), decoded now or, with
-        `cache_decoded`, kept frame by frame: every frame of the clip on its first read, or, where not every frame
-        decodes, each frame once it has been asked for (a frame that does not decode fails every time, as
-        without the cache)."""
+    def _decode(self, sample: records.Sample, pick, size: int | None, name: str) -> np.ndarray:
+        """The frames `pick(frame count)` chooses (uint8, decoded at size² as decord does, or native size when None),
+        decoded now or, with `cache_decoded`, kept frame by frame: every frame of the clip on its first read, or,
+        where not every frame decodes, each frame once it has been asked for (a frame that does not decode fails
+        every time, as without the cache)."""
         if not self.config.cache_decoded:
             return video.read_sampled(sample.media, pick, size, name)[0]
         key = (sample.dataset, sample.id)

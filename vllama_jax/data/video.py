@@ -168,6 +168,23 @@ def train_transform(
     return normalize(to_uint8(resize_bicubic(crop, image_size), wrap_uint8))
 
 
+def train_transform_native(
+    frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int, scale: tuple[float, float] = TRAIN_CROP_SCALE
+) -> np.ndarray:
+    """The clean variant of `train_transform` (not the original's): the crop box is drawn on the frames at their
+    native size and each crop is resized once, by Pillow's antialiased bicubic as the original's image path does,
+    instead of cropping frames already squashed to image_size² and scaling the crop back up. float32 out."""
+    from PIL import Image
+
+    top, left, h, w = random_resized_crop_params(frames_uint8.shape[1], frames_uint8.shape[2], rng, scale=scale)
+    crops = [
+        np.asarray(Image.fromarray(frame[top : top + h, left : left + w]).resize((image_size, image_size),
+                                                                                Image.BICUBIC))
+        for frame in frames_uint8
+    ]
+    return normalize(np.stack(crops))
+
+
 def eval_transform(frames_uint8: np.ndarray, image_size: int | None = None) -> np.ndarray:
     """The original `alpro_video_eval`: frames decoded at image_size² already (`read_frames_seeking`) -> /255 ->
     CLIP-normalise. Frames of another size are refused: resizing here would not be decord's resize."""

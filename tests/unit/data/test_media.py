@@ -92,3 +92,17 @@ def test_audio_clips_are_identical_at_every_entry_point(files, tokenizer):
     assert clips.shape == (CLIPS, 1, 128, 204) and example["audio_mask"]
     for other in (from_folder, from_shard, example["audio"], cached["audio"]):
         assert np.abs(other - clips).max() == 0.0
+
+
+def test_the_clean_train_crop_reads_native_frames(files, tokenizer):
+    """PipelineConfig.crop_native (docs/data.md): the train crop of native-size frames, a usable example."""
+    path = files["video"]
+    data = path.read_bytes()
+    sample = records.Sample("x", "test", "video", data, path.name, caption=b"a clip",
+                            **records.probe_media(data, "video"))
+    config = PipelineConfig(batch_size=1, image_size=64, num_frames=4, num_soft_tokens=4, max_txt_len=8,
+                            text_length=1 + 4 + 8, image_token_id=tokenizer.convert_tokens_to_ids("<ImageHere>"),
+                            crop_native=True)
+    example = ExampleBuilder(config, tokenizer).random_map(records.encode(sample), np.random.default_rng(0))
+    assert example["example_mask"] and example["frames"].shape == (4, 64, 64, 3)
+

@@ -380,6 +380,18 @@ def test_train_transform_matches_a_torch_reference():
     np.testing.assert_allclose(mild, reference, atol=1e-5)
 
 
+def test_the_clean_train_crop_cuts_the_native_frames_and_resizes_once():
+    from PIL import Image
+
+    frames = np.random.default_rng(2).integers(0, 256, (3, 90, 160, 3), dtype=np.uint8)
+    ours = video.train_transform_native(frames, np.random.default_rng(4), 32)
+    top, left, h, w = video.random_resized_crop_params(90, 160, np.random.default_rng(4))
+    for frame, got in zip(frames, ours):
+        crop = Image.fromarray(frame).crop((left, top, left + w, top + h)).resize((32, 32), Image.BICUBIC)
+        reference = clip_normalize(torch.from_numpy(np.array(crop)).float() / 255.0).numpy()
+        np.testing.assert_allclose(got, reference, atol=1e-6)
+
+
 def test_eval_transform():
     frames = np.random.default_rng(1).integers(0, 256, (8, 28, 28, 3), dtype=np.uint8)
     reference = clip_normalize(torch.from_numpy(frames).float() / 255.0).numpy()
