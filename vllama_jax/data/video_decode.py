@@ -85,7 +85,7 @@ def frame_table(container, label: str) -> FrameTable:
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else 0.0
     if not stamps or any(s is None for s in stamps):
-        return FrameTable(len(stamps), None, tuple(i for i, k in enumerate(keys) if k)[:1], fps)
+        return FrameTable(len(stamps), None, (), fps)  # decoded from the start only, counted in output order
     order = sorted(range(len(stamps)), key=lambda i: stamps[i])
     pts = tuple(stamps[i] for i in order)
     keyframes = tuple(sorted(rank for rank, i in enumerate(order) if keys[i]))
