@@ -43,3 +43,19 @@ def audio_clips(path: str | Path, clips_per_video: int = 8) -> np.ndarray:
     if not has_audio:
         raise ValueError(f"{path}: no audio track to listen to (drop --audio)")
     return clips
+
+
+def item_inputs(kind: str, source, image_size: int, num_frames: int, clips_per_video: int | None = None,
+                name: str | None = None) -> dict:
+    """One item's model inputs as `vllama-caption` reads a folder's file or a shard's bytes: {"frames", "seconds",
+    "kind"} (seconds None for an image), and "audio" when clips_per_video is given (zeros when the video has no
+    audio track, as in training)."""
+    name = source if isinstance(source, str) else name
+    if kind == "image":
+        return {"frames": image_frames(source, image_size, name), "seconds": None, "kind": kind}
+    frames, seconds = video_frames(source, num_frames, image_size, name)
+    out = {"frames": frames, "seconds": seconds, "kind": kind}
+    if clips_per_video is not None:
+        out["audio"], _ = audio.load_audio_clips(source, clips_per_video, name=name or "<bytes>")
+    return out
+

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vllama_jax.data import audio, media, records
+from vllama_jax.data import media, records
 from vllama_jax.data.prepare import shard_paths
 from vllama_jax.infer import chat_prompt
 from vllama_jax.infer.session import Session, decode_tokens, left_pad, load_session
@@ -62,16 +62,8 @@ def shard_items(folder: str | Path) -> Iterator[tuple[str, str, object]]:
 def read_item(kind: str, source, session: Session, with_audio: bool, name: str | None = None) -> dict:
     """The model inputs of one item: frames (T, S, S, 3) [+ fbank clips], and the frame times for the prompt, read
     by `data.media` as chat and the pipeline read them. `source` is a path or encoded bytes (`name` labels them)."""
-    name = source if isinstance(source, str) else name
-    size = session.image_size
-    if kind == "image":
-        return {"frames": media.image_frames(source, size, name), "seconds": None, "kind": kind}
-    frames, seconds = media.video_frames(source, session.num_frames, size, name)
-    out = {"frames": frames, "seconds": seconds, "kind": kind}
-    if with_audio:
-        clips, has_audio = audio.load_audio_clips(source, session.config.data.clips_per_video, name=name or "<bytes>")
-        out["audio"] = clips  # silence (zeros) when the video has no audio track, as in training
-    return out
+    clips = session.config.data.clips_per_video if with_audio else None
+    return media.item_inputs(kind, source, session.image_size, session.num_frames, clips, name)
 
 
 def prompt_ids(

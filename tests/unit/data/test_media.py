@@ -1,10 +1,10 @@
 """One preprocessing path per modality: every entry point gives identical arrays (difference 0.0) on the same file.
 
-Entry points: `data.media` (what `vllama-chat` calls), `vllama-caption`'s `read_item` (a folder's file and a shard's
-bytes), the grain pipeline in eval mode (`ExampleBuilder`), and the feature cache's reading of it
-(`feature_cache.reading_config`)."""
+Entry points: `data.media` (what `vllama-chat` calls), `media.item_inputs` (what `vllama-caption`'s `read_item` calls,
+on a folder's file and on a shard's bytes), the grain pipeline in eval mode (`ExampleBuilder`), and the feature
+cache's reading of it (`feature_cache.reading_config`). chat.py and caption.py are checked by their source: both
+define absl flags at import, which clash in one test process."""
 import ast
-import types
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,6 @@ import pytest
 from vllama_jax.data import media, records
 from vllama_jax.data.pipeline import ExampleBuilder, PipelineConfig
 from vllama_jax.data.synthetic import write_test_video
-from vllama_jax.infer import caption
 from vllama_jax.testing import media_reference
 from vllama_jax.train.feature_cache import reading_config
 
@@ -46,23 +45,35 @@ def pipeline_example(tokenizer, path, kind, with_audio=False, train=False, sampl
     return example, cached.random_map(records.encode(sample), np.random.default_rng(1))
 
 
-SESSION = types.SimpleNamespace(image_size=SIZE, num_frames=FRAMES,
-                                config=types.SimpleNamespace(data=types.SimpleNamespace(clips_per_video=CLIPS)))
+def data_imports(module: str) -> set[tuple[str, str]]:
+    tree = ast.parse((Path(media.__file__).parents[1] / "infer" / f"{module}.py").read_text())
+    return {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            and node.module.startswith("vllama_jax.data") for alias in node.names}
 
 
-def test_chat_reads_media_through_data_media():
-    """vllama-chat (whose absl flags clash with caption's in one process) imports its readers from data.media only."""
-    tree = ast.parse(Path(caption.__file__).with_name("chat.py").read_text())
-    data_imports = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                    and node.module.startswith("vllama_jax.data") for alias in node.names}
-    assert data_imports == {("vllama_jax.data.media", n) for n in ("audio_clips", "image_frames", "video_frames")}
+def calls_in(module: str, function: str) -> set[str]:
+    tree = ast.parse((Path(media.__file__).parents[1] / "infer" / f"{module}.py").read_text())
+    (body,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+    return {ast.unparse(n.func) for n in ast.walk(body) if isinstance(n, ast.Call)}
+
+
+def test_chat_and_caption_read_media_through_data_media():
+    assert data_imports("chat") == {("vllama_jax.data.media", n) for n in ("audio_clips", "image_frames",
+                                                                            "video_frames")}
+    assert ("vllama_jax.data", "media") in data_imports("caption")
+    assert "media.item_inputs" in calls_in("caption", "read_item")
+
+
+def caption_item(source, with_audio=False, kind="video"):
+    return media.item_inputs(kind, source, SIZE, FRAMES, CLIPS if with_audio else None,
+                             name=None if isinstance(source, str) else "x")
 
 
 def test_video_frames_are_identical_at_every_entry_point(files, tokenizer):
     path = files["video"]
     frames, seconds = media.video_frames(path, FRAMES, SIZE)
-    from_folder = caption.read_item("video", str(path), SESSION, False)
-    from_shard = caption.read_item("video", path.read_bytes(), SESSION, False, name="x")
+    from_folder = caption_item(str(path))
+    from_shard = caption_item(path.read_bytes())
     example, cached = pipeline_example(tokenizer, path, "video", sampling="headtail")  # the cache reads uniform
     example, _ = pipeline_example(tokenizer, path, "video")
     for other in (from_folder["frames"], from_shard["frames"], example["frames"], cached["frames"]):
@@ -75,7 +86,7 @@ def test_video_frames_are_identical_at_every_entry_point(files, tokenizer):
 def test_images_are_identical_at_every_entry_point(files, tokenizer):
     path = files["image"]
     frames = media.image_frames(path, SIZE)
-    from_shard = caption.read_item("image", path.read_bytes(), SESSION, False, name="x")["frames"]
+    from_shard = caption_item(path.read_bytes(), kind="image")["frames"]
     example, cached = pipeline_example(tokenizer, path, "image")
     assert frames.shape == (1, SIZE, SIZE, 3) and list(example["frame_mask"]) == [True] + [False] * (FRAMES - 1)
     for other in (from_shard[0], example["frames"][0], cached["frames"][0]):
@@ -86,8 +97,8 @@ def test_images_are_identical_at_every_entry_point(files, tokenizer):
 def test_audio_clips_are_identical_at_every_entry_point(files, tokenizer):
     path = files["sound"]
     clips = media.audio_clips(path, CLIPS)
-    from_folder = caption.read_item("video", str(path), SESSION, True)["audio"]
-    from_shard = caption.read_item("video", path.read_bytes(), SESSION, True, name="x")["audio"]
+    from_folder = caption_item(str(path), with_audio=True)["audio"]
+    from_shard = caption_item(path.read_bytes(), with_audio=True)["audio"]
     example, cached = pipeline_example(tokenizer, path, "video", with_audio=True)
     assert clips.shape == (CLIPS, 1, 128, 204) and example["audio_mask"]
     for other in (from_folder, from_shard, example["audio"], cached["audio"]):
