@@ -30,8 +30,13 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "pycocoevalcap>=1.2,<1.3",  # vllama-eval: BLEU, ROUGE-L, CIDEr-D (and PTB/METEOR with java) as COCO scores them
+        "pyarrow>=14",  # vllama-eval: Video-MME is released as parquet
     ],
     extras_require={
+        # libtpu, the TPU compiler: `vllama-plan --topology` compiles for a TPU slice's abstract chips with it, on
+        # any machine (no TPU needed). jax[tpu] pins the libtpu built for its own jax version.
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         # einops, ftfy, regex, iopath: what ImageBind's model files import (the reference in
         # vllama_jax/testing/imagebind_reference.py)
         "test": [
@@ -45,6 +50,7 @@ setup(
             "iopath>=0.1.9",
             "ruff==0.17.6",
             "decord==0.6.0",  # the original's video reader: the frame reference in tests, never a package dependency
+            "jax[tpu]>=0.10.2,<0.11",  # the TPU compiler, for tests/unit/test_tpu_topology.py
         ],  # ruff: the style rules (pyproject.toml), checked by tests/unit/test_repository.py
     },
     entry_points={
@@ -57,6 +63,7 @@ setup(
             "vllama-chat=vllama_jax.infer.chat:cli",
             "vllama-caption=vllama_jax.infer.caption:cli",
             "vllama-plan=vllama_jax.plan:cli",
+            "vllama-eval=vllama_jax.eval.main:cli",
         ],
     },
 )

@@ -18,16 +18,17 @@ picks the LLM, the recipe and the precision. The CPU demo is its own experiment:
 """
 
 import dataclasses
-
-import ml_collections
+from typing import TYPE_CHECKING
 
 from vllama_jax.config import parse_arg
 from vllama_jax.data.conversation import caption_prompt_template
-from vllama_jax.data.video import TRAIN_CROP_SCALE
 from vllama_jax.models.llama import SIZES
 from vllama_jax.models.video_llama import VideoLlamaConfig
 from vllama_jax.sharding import DEFAULT_RULES
 from vllama_jax.train.optimizer import OptimizerConfig
+
+if TYPE_CHECKING:
+    import ml_collections
 
 FULL_SIZE_LLMS = ("vicuna_7b", "vicuna_13b", "llama2_7b_chat", "llama2_13b_chat")
 
@@ -185,7 +186,12 @@ def model(llm: str) -> dict:
     return full
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
+def get_config(arg: str = "") -> "ml_collections.ConfigDict":
+    # here, not at the top: `model()` and `recipe()` are read without ml_collections and PyAV (launch/gpu_check.py)
+    import ml_collections
+
+    from vllama_jax.data.video import TRAIN_CROP_SCALE
+
     args = parse_arg(arg, positional=("llm", "recipe"), llm="llama2_7b_chat", recipe="vision_stage1")
     row = recipe(args.recipe)
     config = ml_collections.ConfigDict()
@@ -202,6 +208,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         num_frames=8,
         frame_sampling=row["frame_sampling"],
         crop_scale=TRAIN_CROP_SCALE,  # the train RandomResizedCrop's area fraction range (the original's)
+        # the original's train crop casts float frames to uint8 with wrap-around (torch's .to(uint8)); False clips
+        wrap_uint8=True,
+        # False: crop decord's 224 x 224 frames, as the original; True: crop the native frames, one antialiased resize
+        crop_native=False,
         max_txt_len=row["max_txt_len"],
         end_sym=row["end_sym"],
         # stage 2's conversation format, as the original's model_type: LLaMA-2-chat models use [INST], the rest ###

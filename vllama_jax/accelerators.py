@@ -52,7 +52,28 @@ ACCELERATORS = {
             "h100", ("NVIDIA H100",), 80 * GB, 989e12, "NVIDIA H100 SXM 80GB HBM3: nvidia.com/en-us/data-center/h100"
         ),
         Accelerator(
+            "h100-pcie",
+            ("NVIDIA H100 PCIe",),
+            80 * GB,
+            756e12,
+            "NVIDIA H100 PCIe 80GB HBM2e (1,513 TFLOPS bf16 with sparsity): nvidia.com/en-us/data-center/h100",
+        ),
+        Accelerator(
+            "h100-nvl",
+            ("NVIDIA H100 NVL",),
+            94 * GB,
+            835e12,
+            "NVIDIA H100 NVL 94GB HBM3 (1,671 TFLOPS bf16 with sparsity): nvidia.com/en-us/data-center/h100",
+        ),
+        Accelerator(
             "h200", ("NVIDIA H200",), 141 * GB, 989e12, "NVIDIA H200 141GB HBM3e: nvidia.com/en-us/data-center/h200"
+        ),
+        Accelerator(
+            "h200-nvl",
+            ("NVIDIA H200 NVL",),
+            141 * GB,
+            835e12,
+            "NVIDIA H200 NVL 141GB HBM3e (1,671 TFLOPS bf16 with sparsity): nvidia.com/en-us/data-center/h200",
         ),
     )
 }

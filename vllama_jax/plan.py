@@ -1,20 +1,25 @@
 """`vllama-plan`: size a slice before renting it. The full-size train step (and a decode step) is compiled ahead
-of time on abstract inputs over simulated devices; nothing is allocated.
+of time on abstract inputs; nothing is allocated.
 
-    vllama-plan --config configs/video_llama.py:llama2_7b_chat --devices 8 --mesh fsdp=8
-    vllama-plan --config configs/video_llama.py:llama2_13b_chat --devices 8 --mesh fsdp=4,tensor=2 --max_batch v5e,v5p
-    vllama-plan --config configs/video_llama.py:llama2_7b_chat --devices 4 --mesh fsdp=4 --decode --json plan.json
+    vllama-plan --config configs/video_llama.py:llama2_7b_chat --topology v5p:2x2x1 --mesh fsdp=4 --json plan.json
+    vllama-plan --config configs/video_llama.py:llama2_13b_chat --topology v5p:4x4x8 --mesh fsdp=32,tensor=4
+    vllama-plan --config configs/video_llama.py:llama2_7b_chat --topology v5e:16x16 --num_slices 2 --max_batch v5e
+    vllama-plan --config configs/video_llama.py:llama2_7b_chat --devices 8 --mesh fsdp=4,tensor=2 --decode
     (ml-collections overrides work: --config.data.num_frames=16)
 
-Per device it reports XLA's memory analysis of the compiled program (arguments, outputs, temporaries, and the
-peak they imply), the FLOPs of one step (scanned layers counted per layer), the parameter and optimizer-state
-bytes split trainable / frozen, and which accelerators' HBM that peak fits. `--max_batch` finds the largest
-per-device batch that fits the named accelerators: memory grows linearly with the batch, so two compiles give the
-line and one or two more confirm its prediction.
+Two compilers. `--topology NAME` compiles with the TPU compiler itself (XLA:TPU from libtpu, `pip install -e
+'.[tpu]'`) for that slice's abstract chips, no TPU attached (`tpu_topology.py`): its memory analysis is what the
+pod would allocate, and it is the authority for every TPU figure the project gives. `--devices N` compiles with
+XLA:CPU over N simulated CPU devices, for machines without libtpu and for tests: the sharding and the parameter,
+optimizer and batch bytes are exact, but the CPU compiler's temporaries are not a TPU's or a GPU's (it gathers
+FSDP weights whole and in float32), so read them as a rough upper bound.
 
-The numbers are XLA:CPU's for the same sharded program: the sharding, the parameter and optimizer bytes and the
-batch arrays are exact; temporaries are the CPU compiler's (fusion and layout on a TPU or GPU differ), so read
-them as an estimate and keep headroom.
+Per device it reports the compiler's memory analysis (arguments, outputs, temporaries, and the peak: the
+compiler's own figure from its buffer assignment, beside the sum arguments + temporaries + outputs − aliased), the
+FLOPs of one step (scanned layers counted per layer), XLA:TPU's own estimate of the step's time, the parameter and
+optimizer-state bytes split trainable / frozen, and which accelerators' HBM the peak fits. `--max_batch` finds the
+largest per-device batch that fits the named accelerators: memory grows linearly with the batch, so two compiles
+give the line and one or two more confirm its prediction.
 """
 from __future__ import annotations
 
@@ -42,10 +47,36 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def _memory(compiled) -> dict[str, int]:
     """XLA's per-device memory analysis of a compiled step, with its peak (reporting.step_cost, FLOPs apart:
-    they are counted scan-aware below)."""
+    they are counted scan-aware below). XLA also reports its own peak (`compiler_peak_bytes`, XLA:TPU and XLA:CPU
+    alike): the most the program holds at once by its buffer assignment, below the sum of arguments, temporaries
+    and outputs where buffers are reused."""
     from vllama_jax.train.reporting import step_cost
 
-    return {k: v for k, v in step_cost(compiled).items() if k != "flops"}
+    memory = {k: v for k, v in step_cost(compiled).items() if k != "flops"}
+    stats = compiled.memory_analysis()
+    compiler_peak = getattr(stats, "peak_memory_in_bytes", 0) if stats is not None else 0
+    if compiler_peak:
+        memory["compiler_peak_bytes"] = compiler_peak
+    return memory
+
+
+def fit_bytes(memory: dict[str, int]) -> int:
+    """The peak a plan is sized by: the compiler's own where it reports one, else the sum."""
+    return memory.get("compiler_peak_bytes", memory["peak_bytes"])
+
+
+def _target(mesh, topology: str | None, num_slices: int) -> dict:
+    """What the plan was compiled for: the device kind and, for a TPU slice, its topology and libtpu."""
+    from vllama_jax import tpu_topology
+
+    device = mesh.devices.flat[0]
+    out = {"device_kind": device.device_kind, "platform": device.platform, "topology": topology}
+    if topology:
+        out.update(num_slices=num_slices, compiler=f"XLA:TPU (libtpu {tpu_topology.libtpu_version()})")
+    else:
+        out["compiler"] = f"XLA:{device.platform.upper()} (simulated devices)" if device.platform == "cpu" else (
+            f"XLA:{device.platform.upper()}")
+    return out
 
 
 def per_device_bytes(tree) -> int:
@@ -59,12 +90,21 @@ def per_device_bytes(tree) -> int:
 
 
 def plan_train(
-    config, mesh, per_device_batch: int, text_length: int | None = None, *, cached: bool = False, flops: bool = True
+    config,
+    mesh,
+    per_device_batch: int,
+    text_length: int | None = None,
+    *,
+    cached: bool = False,
+    flops: bool = True,
+    topology: str | None = None,
+    num_slices: int = 1,
 ) -> dict:
-    """Compile `config`'s train step for `per_device_batch` examples per data-parallel device on `mesh`."""
+    """Compile `config`'s train step for `per_device_batch` examples per data-parallel device on `mesh` (simulated
+    CPU devices, or a TPU `topology`'s compile-only chips)."""
     from vllama_jax.config import model_config
-    from vllama_jax.train.flops import compiled_flops
-    from vllama_jax.train.sharded import build_sharded_step, step_flops
+    from vllama_jax.train.flops import compiled_costs
+    from vllama_jax.train.sharded import build_sharded_step, step_costs
 
     model_cfg = model_config(config)
     text_length = text_length or default_text_length(config, model_cfg)
@@ -80,10 +120,11 @@ def plan_train(
         "step": "train",
         "config": config.name,
         "recipe": config.recipe,
-        "branch": config.train.branch,
+        "branch": config.train.get("branch") or "+".join(config.train.trainable),  # Video-LLaVA: what it trains
         "cached": cached,
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
+        **_target(mesh, topology, num_slices),
         "per_device_batch": per_device_batch,
         "global_batch": per_device_batch * replicas,
         "text_length": text_length,
@@ -99,15 +140,18 @@ def plan_train(
     }
     if flops:
         started = time.perf_counter()
-        result["flops_per_device"] = step_flops(
+        costs = step_costs(
             config,
             model_cfg,
             text_length,
             mesh=mesh,
             batch_size=per_device_batch * replicas,
             cached=cached,
-            unscanned=compiled_flops(compiled),
+            unscanned=compiled_costs(compiled),
         )
+        result["flops_per_device"] = costs["flops"]
+        if "optimal_seconds" in costs:  # XLA:TPU's cost model, every layer counted: an estimate, not a measurement
+            result["estimated_step_seconds"] = costs["optimal_seconds"]
         result["flops_seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -118,10 +162,14 @@ def default_text_length(config, model_cfg) -> int:
     from vllama_jax.config import branch
     from vllama_jax.train.inputs import text_length
 
+    if config.get("family") == "video_llava":  # a fixed bucket: expanded placeholders + text
+        return config.data.text_length
     return text_length(branch(config), model_cfg, config.data.max_txt_len)
 
 
-def plan_decode(config, mesh, per_device_batch: int, cache_length: int) -> dict:
+def plan_decode(
+    config, mesh, per_device_batch: int, cache_length: int, *, topology: str | None = None, num_slices: int = 1
+) -> dict:
     """Compile one cached decoding step of the config's LLM (batch × `cache_length` KV slots) on `mesh`, with one
     cache per layer as `vllama-chat` serves it (a session unstacks scanned layers: a scanned cache is copied
     through the loop every token)."""
@@ -135,8 +183,6 @@ def plan_decode(config, mesh, per_device_batch: int, cache_length: int) -> dict:
     from vllama_jax.infer.generate import GenerationConfig, advance, start
     from vllama_jax.models.llama import CACHE_AXES, LlamaForCausalLM
     from vllama_jax.sharded_model import ShardedModel, rules_of
-    from vllama_jax.train.flops import compiled_flops
-
     llm_cfg = dataclasses.replace(model_config(config).llm, scan_layers=False)
     llm = LlamaForCausalLM(llm_cfg)
     model = ShardedModel(
@@ -171,17 +217,28 @@ def plan_decode(config, mesh, per_device_batch: int, cache_length: int) -> dict:
         "config": config.name,
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
+        **_target(mesh, topology, num_slices),
         "per_device_batch": per_device_batch,
         "global_batch": batch,
         "cache_length": cache_length,
         "memory": _memory(compiled),
         "compile_seconds": round(time.perf_counter() - started, 1),
-        "flops_per_device": compiled_flops(compiled),  # one token per row
+        **_decode_costs(compiled),  # one token per row; the decoder is unscanned, so XLA counts every layer
         "per_device_parameter_bytes": {
             "frozen": per_device_bytes(params),
             "kv_cache": per_device_bytes(state["cache"]),
         },
     }
+
+
+def _decode_costs(compiled) -> dict:
+    from vllama_jax.train.flops import compiled_costs
+
+    costs = compiled_costs(compiled)
+    out = {"flops_per_device": costs["flops"]}
+    if "optimal_seconds" in costs:
+        out["estimated_step_seconds"] = costs["optimal_seconds"]
+    return out
 
 
 def largest_batch(peak_of, capacity: int, limit: int = 4096) -> tuple[int, dict[int, int]]:
@@ -235,8 +292,16 @@ def report(result: dict, accelerators: list[str]) -> list[str]:
         else f"decode step, {result['per_device_batch']} row(s) per device (global {result['global_batch']}), "
         f"{result['cache_length']}-slot KV cache"
     )
+    slices = f" × {result['num_slices']} slices" if result.get("num_slices", 1) > 1 else ""
+    where = (
+        f"{result['topology']}{slices} ({result['devices']} {result['device_kind']} chips, compile-only)"
+        if result.get("topology")
+        else f"{result['devices']} simulated {result['device_kind']} devices"
+        if result.get("platform") == "cpu"
+        else f"{result['devices']} {result.get('device_kind', '')} devices"
+    )
     lines = [
-        f"### {result['config']}: {what}; mesh {mesh} ({result['devices']} devices); "
+        f"### {result['config']}: {what}; mesh {mesh} on {where}; {result.get('compiler', 'XLA')}, "
         f"compiled in {result['compile_seconds']} s",
         "",
         "| per device | MiB |",
@@ -249,7 +314,12 @@ def report(result: dict, accelerators: list[str]) -> list[str]:
         "alias_bytes": "outputs aliased to donated arguments",
     }
     lines += [f"| {label} | {_mib(mem[k])} |" for k, label in names.items()]
-    lines += [f"| **peak** (arguments + temporaries + outputs − aliased) | **{_mib(mem['peak_bytes'])}** |"]
+    if "compiler_peak_bytes" in mem:
+        lines += [f"| arguments + temporaries + outputs − aliased | {_mib(mem['peak_bytes'])} |"]
+        peak = _mib(mem["compiler_peak_bytes"])
+        lines += [f"| **peak** (the compiler's own, from its buffer assignment) | **{peak}** |"]
+    else:
+        lines += [f"| **peak** (arguments + temporaries + outputs − aliased) | **{_mib(mem['peak_bytes'])}** |"]
     lines += [f"| of the arguments: {k.replace('_', ' ')} | {_mib(v)} |" for k, v in pb.items()]
     if "flops_per_device" in result:
         lines += [
@@ -261,6 +331,9 @@ def report(result: dict, accelerators: list[str]) -> list[str]:
                 else ""
             ),
         ]
+    if "estimated_step_seconds" in result:
+        seconds = result["estimated_step_seconds"]
+        lines += [f"step time, XLA:TPU's cost-model estimate (not a measurement): {seconds * 1e3:,.1f} ms"]
     if "global" in result:
         g = result["global"]
         lines += [
@@ -268,11 +341,12 @@ def report(result: dict, accelerators: list[str]) -> list[str]:
             f"({_mib(g['frozen_bytes'])} MiB); optimizer state {_mib(g['optimizer_bytes'])} MiB (trainable only)"
         ]
     lines += ["", "| accelerator | HBM GiB | peak / HBM | fits |", "|---|---|---|---|"]
+    peak = fit_bytes(mem)
     for name in accelerators:
         capacity = hardware.get(name).hbm_bytes
         lines.append(
-            f"| {name} | {capacity / hardware.GIB:.1f} | {mem['peak_bytes'] / capacity:.0%} "
-            f"| {'yes' if mem['peak_bytes'] <= capacity else 'no'} |"
+            f"| {name} | {capacity / hardware.GIB:.1f} | {peak / capacity:.0%} "
+            f"| {'yes' if peak <= capacity else 'no'} |"
         )
     for name, found in result.get("max_batch", {}).items():
         lines.append(
@@ -288,6 +362,8 @@ def run(
     *,
     devices: int,
     meshes: list[str],
+    topology: str | None = None,
+    num_slices: int = 1,
     batch_per_device: int = 1,
     text_length: int | None = None,
     cached: bool = False,
@@ -299,27 +375,40 @@ def run(
     cache_length: int = 2048,
     log=print,
 ) -> list[dict]:
-    """Plan the train step (and with `decode` a decode step) on each mesh; log the reports; return the results."""
+    """Plan the train step (and with `decode` a decode step) on each mesh, over `devices` simulated CPU devices or
+    a TPU `topology`'s chips (`num_slices` slices); log the reports; return the results."""
     import jax
 
+    from vllama_jax import tpu_topology
     from vllama_jax.sharding import make_mesh
 
     for name in (*max_batch, *accelerators):
         hardware.get(name)  # refuses an unknown name before anything compiles
-    if len(jax.devices()) < devices:
-        raise ValueError(
-            f"asked for {devices} devices, JAX has {len(jax.devices())}: simulated devices must be "
-            "requested (XLA_FLAGS=--xla_force_host_platform_device_count) before JAX is imported"
-        )
+    if topology:
+        chips = tpu_topology.devices(topology, num_slices)
+        build_mesh = lambda shape: tpu_topology.make_mesh(shape, chips, num_slices)  # noqa: E731
+        default_mesh = f"data={num_slices},fsdp={len(chips) // num_slices}"
+    else:
+        if num_slices != 1:
+            raise ValueError("--num_slices needs --topology (slices are TPU slices joined over DCN)")
+        if len(jax.devices()) < devices:
+            raise ValueError(
+                f"asked for {devices} devices, JAX has {len(jax.devices())}: simulated devices must be "
+                "requested (XLA_FLAGS=--xla_force_host_platform_device_count) before JAX is imported"
+            )
+        build_mesh = lambda shape: make_mesh(shape, jax.devices()[:devices])  # noqa: E731
+        default_mesh = f"fsdp={devices}"
+    target = dict(topology=topology, num_slices=num_slices)
     results = []
-    for mesh_text in meshes or [f"fsdp={devices}"]:
-        mesh = make_mesh(parse_mesh(mesh_text), jax.devices()[:devices])
-        result = plan_train(config, mesh, batch_per_device, text_length, cached=cached, flops=flops)
-        peaks = {batch_per_device: result["memory"]["peak_bytes"]}  # shared by the accelerators' searches
+    for mesh_text in meshes or [default_mesh]:
+        mesh = build_mesh(parse_mesh(mesh_text))
+        result = plan_train(config, mesh, batch_per_device, text_length, cached=cached, flops=flops, **target)
+        peaks = {batch_per_device: fit_bytes(result["memory"])}  # shared by the accelerators' searches
 
         def peak_of(b):
             if b not in peaks:
-                peaks[b] = plan_train(config, mesh, b, text_length, cached=cached, flops=False)["memory"]["peak_bytes"]
+                plan = plan_train(config, mesh, b, text_length, cached=cached, flops=False, **target)
+                peaks[b] = fit_bytes(plan["memory"])
             return peaks[b]
 
         if max_batch:
@@ -330,7 +419,7 @@ def run(
         results.append(result)
         log("\n".join(report(result, accelerators)) + "\n")
         if decode:
-            results.append(plan_decode(config, mesh, decode_batch, cache_length))
+            results.append(plan_decode(config, mesh, decode_batch, cache_length, **target))
             log("\n".join(report(results[-1], accelerators)) + "\n")
     return results
 
@@ -340,7 +429,11 @@ def _flags():
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", "configs/video_llama.py:llama2_7b_chat", "the config to plan")
-    flags.DEFINE_integer("devices", 8, "simulated devices")
+    flags.DEFINE_integer("devices", 8, "simulated CPU devices (XLA:CPU; without --topology)")
+    flags.DEFINE_string(
+        "topology", None, "a TPU slice to compile for with the TPU compiler, no TPU needed, e.g. v5p:2x2x1, v5e:4x4"
+    )
+    flags.DEFINE_integer("num_slices", 1, "TPU slices of --topology joined over DCN (the data axis spans them)")
     flags.DEFINE_multi_string(
         "mesh", [], "mesh axes, e.g. fsdp=8 or fsdp=4,tensor=2 (repeatable; default: fsdp=devices)"
     )
@@ -363,10 +456,22 @@ def _main(argv):
 
     del argv
     f = flags.FLAGS
-    results = run(
+    try:
+        results = _run_flags(f)
+    except (ValueError, RuntimeError) as error:  # a bad topology, mesh or accelerator name: one line, no traceback
+        sys.exit(f"vllama-plan: {error}")
+    if f.json:
+        with open(f.json, "w") as out:
+            json.dump(results, out, indent=1)
+
+
+def _run_flags(f) -> list[dict]:
+    return run(
         f.config,
         devices=f.devices,
         meshes=f.mesh,
+        topology=f.topology,
+        num_slices=f.num_slices,
         batch_per_device=f.batch_per_device,
         text_length=f.text_length,
         cached=f.cached,
@@ -378,9 +483,6 @@ def _main(argv):
         cache_length=f.cache_length,
         log=lambda s: print(s, flush=True),
     )
-    if f.json:
-        with open(f.json, "w") as out:
-            json.dump(results, out, indent=1)
 
 
 def cli():

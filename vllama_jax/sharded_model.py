@@ -21,7 +21,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vllama_jax import checkpoints, sharding
-from vllama_jax.config import branch
+from vllama_jax.config import branch, lora_config
+from vllama_jax.models import lora
+from vllama_jax.models import video_llava as video_llava_model
 from vllama_jax.models.video_llama import VideoLlama, init_params
 
 
@@ -131,7 +133,16 @@ def video_llama(config, model_cfg, mesh: Mesh) -> ShardedModel:
     )
 
 
-FAMILIES: dict[str, Callable[..., ShardedModel]] = {"video_llama": video_llama}
+def video_llava(config, model_cfg, mesh: Mesh) -> ShardedModel:
+    """Video-LLaVA (`models.video_llava`): the config's `train.trainable` subtrees (the recipe's)."""
+    module = video_llava_model.VideoLlava(model_cfg)
+    return ShardedModel(
+        module, lambda rng: video_llava_model.init_params(module, rng), tuple(config.train.trainable), mesh,
+        rules_of(config), config.seed,
+    )
+
+
+FAMILIES: dict[str, Callable[..., ShardedModel]] = {"video_llama": video_llama, "video_llava": video_llava}
 
 
 def rules_of(config) -> list[tuple]:
@@ -146,4 +157,18 @@ def from_config(config, model_cfg, *, mesh: Mesh | None = None) -> ShardedModel:
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}: expected one of {sorted(FAMILIES)}")
     mesh = sharding.make_mesh(dict(config.mesh)) if mesh is None else mesh
-    return FAMILIES[family](config, model_cfg, mesh)
+    model = FAMILIES[family](config, model_cfg, mesh)
+    adapters = lora_config(config)
+    return with_lora(model, adapters) if adapters.rank else model
+
+
+def with_lora(model: ShardedModel, adapters: lora.LoraConfig) -> ShardedModel:
+    """`model` with LoRA adapters on its LLM (`models.lora`): a `lora` subtree, trained instead of the LLM."""
+    base = model.init
+
+    def init(rng):
+        params = base(rng)
+        return {**params, **lora.init(params, adapters, jax.random.fold_in(rng, 1))}
+
+    trainable = tuple(n for n in model.trainable_names if n != adapters.subtree) + ("lora",)
+    return ShardedModel(model.module, init, trainable, model.mesh, model.rules, model.seed)

@@ -42,16 +42,29 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[Any] | No
     ids) rather than by their list order. Its axes are Auto, not jax.make_mesh's default Explicit: shardings come
     from the rules table and the jitted step's explicit in/out shardings, not from array types."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+    sizes = mesh_sizes(shape, len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def mesh_sizes(shape: dict[str, int] | Sequence[int], num_devices: int) -> list[int]:
+    """The (data, fsdp, tensor) sizes of `shape` over `num_devices` devices: unnamed axes are 1, one axis may be
+    -1 (the rest of the devices); the sizes must multiply to the device count."""
+    if isinstance(shape, dict):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh {shape}: unknown axes {sorted(unknown)}; axes are {MESH_AXES}")
+        sizes = [shape.get(a, 1) for a in MESH_AXES]
+    else:
+        sizes = list(shape)
     if len(sizes) != len(MESH_AXES):
         raise ValueError(f"mesh shape needs {len(MESH_AXES)} sizes for {MESH_AXES}, got {sizes}")
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {num_devices}")
+    return sizes
 
 
 def logical_specs(boxed_tree: Any) -> Any:

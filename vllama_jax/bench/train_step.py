@@ -25,7 +25,6 @@ from vllama_jax.models.video_llama import VISUAL_TRAINABLE, VideoLlama, causal_l
 from vllama_jax.sharding import make_mesh, unboxed
 from vllama_jax.train.flops import compiled_flops, lowered_flops, scan_aware_flops
 from vllama_jax.train.optimizer import OptimizerConfig, lavis_warmup_cosine
-from vllama_jax.train.sharded import build_sharded_step, step_flops
 from vllama_jax.train.step import init_state
 
 
@@ -54,43 +53,65 @@ def make_batch(model_cfg, batch_size: int, num_frames: int, max_txt_len: int, se
 
 
 class TorchTrainer:
-    """One PyTorch training step of the visual branch: forward, backward into the trainable parts, AdamW."""
+    """One PyTorch training step of the visual branch: forward, backward into the trainable parts, AdamW.
 
-    def __init__(self, torch_model, opt_cfg: OptimizerConfig):
+    `device`: where the model and batches go. `autocast`: None (float32, the benchmark's), "bfloat16" or "float16":
+    the forward runs under `torch.autocast` in that dtype and the frozen parameters are stored in it, as the
+    original stores its ViT and LLaMA in fp16 and trains under fp16 autocast (LAVIS's `amp`); float16 scales the
+    loss with a GradScaler, as LAVIS's runner does. The trainable parameters stay float32."""
+
+    def __init__(self, torch_model, opt_cfg: OptimizerConfig, device: str = "cpu", autocast: str | None = None):
         import torch
 
-        self.torch, self.model = torch, torch_model
+        self.torch, self.model, self.device = torch, torch_model, torch.device(device)
+        self.dtype = None if autocast is None else {"bfloat16": torch.bfloat16, "float16": torch.float16}[autocast]
         decay, no_decay = [], []
         for name, p in torch_model.named_parameters():
             p.requires_grad_(name.split(".")[0] in VISUAL_TRAINABLE)
             if p.requires_grad:  # as the recipe: no weight decay on biases and vectors
                 (decay if p.ndim >= 2 else no_decay).append(p)
+            elif self.dtype is not None:
+                p.data = p.data.to(self.dtype)
+        torch_model.to(self.device)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opt_cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=opt_cfg.warmup_lr, betas=(0.9, opt_cfg.beta2), eps=1e-8)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.schedule = lavis_warmup_cosine(opt_cfg)
         self.steps = 0
 
     def batch(self, batch: dict) -> dict:
         t = self.torch
-        return {"frames": t.from_numpy(batch["frames"]).permute(0, 1, 4, 2, 3).contiguous(),
-                "input_ids": t.from_numpy(batch["input_ids"]).long(),
-                "attention_mask": t.from_numpy(batch["padding_mask"].astype(np.int64)),
-                "labels": t.from_numpy(batch["labels"]).long()}
+        tensors = {"frames": t.from_numpy(batch["frames"]).permute(0, 1, 4, 2, 3).contiguous(),
+                   "input_ids": t.from_numpy(batch["input_ids"]).long(),
+                   "attention_mask": t.from_numpy(batch["padding_mask"].astype(np.int64)),
+                   "labels": t.from_numpy(batch["labels"]).long()}
+        return {k: v.to(self.device) for k, v in tensors.items()}
 
     def step(self, batch: dict) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.schedule(self.steps))
-        loss, _, _ = self.model(**batch)
+        if self.dtype is None:
+            loss, _, _ = self.model(**batch)
+        else:
+            with self.torch.autocast(self.device.type, dtype=self.dtype):
+                loss, _, _ = self.model(**batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.steps += 1
-        return float(loss.detach())
+        return float(loss.detach())  # waits for the step to finish (on a GPU too)
 
 
 def ours_from_torch(config, model_cfg, torch_model, batch_size: int, text_length: int, cached: bool = False):
     """(build, state, frozen): our step on one device, with the PyTorch model's weights (through the converter)."""
+    from vllama_jax.train.sharded import build_sharded_step  # here: the GPU check imports this file without grain
+
     build = build_sharded_step(config, model_cfg, text_length, mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
                                batch_size=batch_size, cached=cached)
     params = load_state_dict(torch_model.original_state_dict(), video_llama_rules(model_cfg),
@@ -258,6 +279,8 @@ def feature_cache_cost(config, full_config, batch_size: int, repeats: int, *, co
     inputs, one example, one device) and measured time at the bench config. `compile_full=False` (--quick) reads
     the full-size counts off the lowered programs, before XLA optimises them: about 5x faster, 0.3 % below the
     compiled count for the end-to-end step (6.042e12 vs 6.062e12 FLOPs, llama2_7b_chat, measured 2026-12-02)."""
+
+    from vllama_jax.train.sharded import build_sharded_step, step_flops
 
     def full_flops(cached: bool) -> float:
         model_cfg = model_config(full_config)

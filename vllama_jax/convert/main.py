@@ -6,6 +6,9 @@
     vllama-convert import --config=configs/video_llama.py:tiny --config.model.llm.num_layers=3 --dry_run …
     vllama-convert export --config=… --params=ckpt/frozen --params=runs/stage1 --format=video_llama --out=vl.pth
     vllama-convert export --config=… --params=ckpt/frozen --format=hf_llama --out=llama-hf/
+    vllama-convert import --config=configs/video_llava.py:llm=vicuna_7b --source=Video-LLaVA-7B/ --out=ckpt/vllava
+    vllama-convert export --config=configs/video_llava.py:llm=vicuna_7b --params=ckpt/vllava --format=video_llava_hf \
+        --drop_temporal_attention --out=vllava-hf/
 
 The command comes first, then absl flags (`--out=DIR` or `--out DIR`); after `--config`, any config field can be
 overridden with `--config.<field>=<value>`. `vllama-convert import --help` lists a command's flags.
@@ -14,6 +17,8 @@ Import: later sources override earlier ones where they hold a key. `--part=froze
 `train.frozen_checkpoint` reads, `--part=trainable` what `train.init_trainable` reads, `all` both. Export reads
 parameter checkpoints and run directories (their newest trainable weights) and writes the original
 `{'model': state_dict}` (`--trainable_only` for what the original demo loads as `ckpt`) or a Hugging Face folder.
+A Video-LLaVA config (`family = "video_llava"`, docs/video_llava.md) imports the original release or a
+transformers folder and exports to either (`--format=video_llava|video_llava_hf`).
 Errors (a refused source, a bad flag) print one `vllama-convert: …` message and exit with status 2.
 """
 from __future__ import annotations
@@ -32,8 +37,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from vllama_jax.checkpoints import read_saved
-from vllama_jax.config import model_config
+from vllama_jax.config import lora_config, model_config
 from vllama_jax.convert import sources as src
+from vllama_jax.convert import video_llava
 from vllama_jax.convert.mapping import ConversionError, flatten, unflatten, unstack_numbered
 from vllama_jax.convert.torch_io import (
     export_state_dict_subset,
@@ -43,7 +49,9 @@ from vllama_jax.convert.torch_io import (
     write_import,
 )
 from vllama_jax.convert.video_llama import UNUSED_KEYS, scanned_subtrees, unscanned_abstract, video_llama_rules
+from vllama_jax.models import lora
 from vllama_jax.models.video_llama import AUDIO_TRAINABLE, VISUAL_TRAINABLE, VideoLlama, VideoLlamaConfig, init_params
+from vllama_jax.models.video_llava import VideoLlavaConfig
 
 AUDIO_KEYS = (r"audio_.*",)
 TRAINABLE_NAMES = VISUAL_TRAINABLE + AUDIO_TRAINABLE  # what the original's `ckpt` / `ckpt_2` files hold
@@ -87,6 +95,11 @@ def run_import(model_cfg: VideoLlamaConfig, *, source_paths: Sequence[str], out:
                dtype: str | None = None, dry_run: bool = False, drop_audio: bool = False) -> int:
     """Plan the import of `source_paths` (later ones win key by key) into `model_cfg`'s parameters that `part`
     selects, print what comes from where, and write it to `out` unless `dry_run`."""
+    if isinstance(model_cfg, VideoLlavaConfig):
+        if (part, dtype, drop_audio) != ("all", None, False):
+            raise ValueError("a Video-LLaVA import takes --source, --out and --dry_run only (every parameter, in the "
+                             "model's dtypes)")
+        return video_llava.run_import(model_cfg, source_paths=source_paths, out=out, dry_run=dry_run)
     scanned = scanned_subtrees(model_cfg)
     params = unscanned_abstract(abstract_params(model_cfg), scanned)
     components = {k.split("/")[0] for k in params}
@@ -130,11 +143,29 @@ def read_params(paths: list[str]) -> dict:
     return merged
 
 
-def run_export(model_cfg: VideoLlamaConfig, *, param_paths: Sequence[str], out: str,
-               out_format: str = "video_llama", trainable_only: bool = False) -> int:
+VIDEO_LLAVA_FORMATS = {"video_llava": "original", "video_llava_hf": "hf"}
+
+
+def run_export(model_cfg: VideoLlamaConfig | VideoLlavaConfig, *, param_paths: Sequence[str], out: str,
+               out_format: str = "video_llama", trainable_only: bool = False,
+               drop_temporal_attention: bool = False, adapters: lora.LoraConfig | None = None) -> int:
     """Merge `param_paths` (later ones win) and write them as the original `{'model': state_dict}` .pth
-    (`out_format="video_llama"`) or a Hugging Face Llama folder of the LLM (`out_format="hf_llama"`)."""
+    (`out_format="video_llama"`) or a Hugging Face Llama folder of the LLM (`out_format="hf_llama"`); a
+    Video-LLaVA model as the original release's folder ("video_llava") or transformers' ("video_llava_hf")."""
+    is_llava = isinstance(model_cfg, VideoLlavaConfig)
+    if is_llava != (out_format in VIDEO_LLAVA_FORMATS):
+        family = "Video-LLaVA" if is_llava else "Video-LLaMA"
+        choices = sorted(VIDEO_LLAVA_FORMATS) if is_llava else ["hf_llama", "video_llama"]
+        raise ValueError(f"--format {out_format} is not a {family} format: expected one of {choices}")
     params = read_params(param_paths)
+    if "lora" in params:  # a LoRA run: its adapters fold into the LLM's weights
+        if adapters is None or not adapters.rank:
+            raise ValueError("the params hold LoRA adapters: give the run's config (with its lora.rank and alpha)")
+        params = lora.merge(params, adapters)
+        print(f"merged the LoRA adapters into {adapters.subtree} (scale {adapters.scale:g})")
+    if is_llava:
+        return video_llava.run_export(model_cfg, params, out=out, layout=VIDEO_LLAVA_FORMATS[out_format],
+                                      drop_temporal_attention=drop_temporal_attention)
     if trainable_only:
         params = {k: v for k, v in params.items() if k in TRAINABLE_NAMES}
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}
@@ -178,15 +209,18 @@ def _import_flags(fv: flags.FlagValues) -> None:
 def _export_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string("params", None, "a parameter checkpoint or a vllama-train run directory; later "
                               "ones win", flag_values=fv)
-    flags.DEFINE_enum("format", "video_llama", ["video_llama", "hf_llama"], "the original {'model': state_dict} "
-                      ".pth, or a Hugging Face Llama folder of the LLM", flag_values=fv)
+    flags.DEFINE_enum("format", "video_llama", ["video_llama", "hf_llama", "video_llava", "video_llava_hf"],
+                      "the original {'model': state_dict} .pth, or a Hugging Face Llama folder of the LLM; for "
+                      "Video-LLaVA: the original release's folder, or transformers' (video_llava_hf)", flag_values=fv)
     flags.DEFINE_string("out", None, "the file (video_llama) or folder (hf_llama) to write, which must not exist",
                         flag_values=fv)
     flags.DEFINE_bool("trainable_only", False, "only the trainable subtrees (what the original demo loads as "
                       "`ckpt`)", flag_values=fv)
+    flags.DEFINE_bool("drop_temporal_attention", False, "video_llava_hf: drop the video tower's temporal layers, "
+                      "which transformers has no place for (refused without this flag)", flag_values=fv)
 
 
-def flag_model_config(fv: flags.FlagValues) -> VideoLlamaConfig:
+def flag_model_config(fv: flags.FlagValues) -> VideoLlamaConfig | VideoLlavaConfig:
     """The model config that `--config` and its overrides describe. config_flags keeps a file that failed to
     load until its first use: that failure is reported here, as a missing file."""
     try:
@@ -210,7 +244,8 @@ COMMANDS = {
     "export": Command(
         "orbax parameters -> the original .pth or a Hugging Face Llama folder", _export_flags, ("params", "out"),
         lambda fv: run_export(flag_model_config(fv), param_paths=fv.params, out=fv.out, out_format=fv.format,
-                              trainable_only=fv.trainable_only)),
+                              trainable_only=fv.trainable_only, drop_temporal_attention=fv.drop_temporal_attention,
+                              adapters=lora_config(fv.config))),
 }
 
 

@@ -21,7 +21,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from vllama_jax.data.records import Sample, encode, probe_media
 
-FORMATS = ("webvid", "image_caption", "llava_instruct", "videochat")
+FORMATS = ("webvid", "image_caption", "llava_instruct", "videochat", "video_llava")
 
 
 @dataclasses.dataclass
@@ -85,11 +85,25 @@ def videochat_items(annotations: Path) -> Iterator[Item]:
         yield Item(Path(ann["video"]).stem + f"-{i}", "video", ann["video"], conversation=turns)
 
 
+def video_llava_items(annotations: Path) -> Iterator[Item]:
+    """Video-LLaVA's files (`llava_image_.json`, `valley_.json`, `llava_image_tune_.json`,
+    `videochatgpt_tune_.json`, `nlp_tune.json`): LLaVA conversations `{"id", "conversations"}` with an `image` or a
+    `video` (a path, or a list of one), or neither (text only, kind "text"). A sample with several media is
+    rejected at ingest with the reason (one medium per sample here)."""
+    for i, ann in enumerate(_read_json(annotations)):
+        turns = [{"from": _raw(t["from"]), "value": _raw(t["value"])} for t in ann["conversations"]]
+        media = [(kind, p) for kind in ("image", "video") if kind in ann
+                 for p in (ann[kind] if isinstance(ann[kind], list) else [ann[kind]])]
+        kind, path = media[0] if len(media) == 1 else ("text", "") if not media else ("several", json.dumps(media))
+        yield Item(str(ann.get("id", i)), kind, path, conversation=turns)
+
+
 READERS = {
     "webvid": webvid_items,
     "image_caption": image_caption_items,
     "llava_instruct": llava_instruct_items,
     "videochat": videochat_items,
+    "video_llava": video_llava_items,
 }
 
 
@@ -109,8 +123,10 @@ def _write_shard(task) -> dict:
             item = Item(**item)
             path = media_root / item.path
             try:
-                data = path.read_bytes()
-                meta = probe_media(data, item.kind)
+                if item.kind == "several":
+                    raise ValueError(f"{len(json.loads(item.path))} media in one sample (one per sample is supported)")
+                data = b"" if item.kind == "text" else path.read_bytes()
+                meta = {} if item.kind == "text" else probe_media(data, item.kind)
             except (OSError, ValueError) as err:
                 rejects.append({"id": item.id, "path": str(path), "reason": str(err)})
                 continue

@@ -20,7 +20,7 @@ from vllama_jax.data import video_decode
 class Sample:
     id: str
     dataset: str
-    kind: str  # "video" or "image"
+    kind: str  # "video", "image", or "text" (no media: Video-LLaVA's text-only conversations)
     media: bytes
     media_name: str  # the path the bytes came from, relative to the media root
     caption: bytes | None = None

@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vllama_jax.config import require_family
 from vllama_jax.data import media, records
 from vllama_jax.data.prepare import shard_paths
 from vllama_jax.infer import chat_prompt
@@ -156,6 +157,10 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    try:
+        require_family(_CONFIG.value, "vllama-caption")
+    except ValueError as err:
+        raise app.UsageError(str(err)) from err
     if bool(_VIDEOS.value) == bool(_SHARDS.value):
         raise app.UsageError("give exactly one of --videos and --shards")
     session = load_session(_CONFIG.value, _CKPT.value, log=lambda m: print(m, file=sys.stderr))

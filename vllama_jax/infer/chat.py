@@ -2,6 +2,11 @@
 
     vllama-chat --config configs/tiny_shapes.py --ckpt runs/tiny --video clip.mp4            # interactive
     vllama-chat --config ... --ckpt ... --video clip.mp4 --audio --question "What do you hear?"   # one JSON answer
+    vllama-chat --config configs/video_llava.py:llm=vicuna_7b --config.data.tokenizer=vicuna-7b-v1.5 \
+        --ckpt ckpt/vllava --video clip.mp4 --question "What happens?" --greedy      # Video-LLaVA
+
+A Video-LLaVA config answers each --question about the --video (or --image) on its own, with the original's evaluation
+prompt (llava_v1), from a parameter checkpoint of the whole model (`vllama-convert import`'s output).
 
 Interactive mode streams the answer token by token; `/reset` starts the conversation again (same media),
 `/quit` or end of input leaves. With --question (repeatable, asked in order as one conversation) it prints one
@@ -24,6 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vllama_jax.config import require_family
 from vllama_jax.data.media import audio_clips, image_frames, video_frames
 from vllama_jax.infer import chat_prompt
 from vllama_jax.infer.generate import DEMO, context_start
@@ -141,11 +147,57 @@ def _media(session: Session):
     return frames, seconds, clips
 
 
+def _video_llava_answers(log) -> None:
+    """Video-LLaVA: each --question about the --video or --image on its own (no interactive mode yet), as JSON."""
+    from vllama_jax import sharded_model
+    from vllama_jax.config import model_config
+    from vllama_jax.data import llava_video
+    from vllama_jax.data.tokenizer import load_tokenizer
+    from vllama_jax.infer import llava_answer
+
+    config = _CONFIG.value
+    if not (_QUESTION.value and _CKPT.value) or bool(_VIDEO.value) == bool(_IMAGE.value) or _AUDIO.value:
+        raise app.UsageError("a Video-LLaVA config takes --ckpt (a parameter checkpoint of the whole model, e.g. "
+                             "vllama-convert import's), one of --video and --image, and --question (no audio, no "
+                             "interactive mode yet)")
+    if not config.data.tokenizer:
+        raise app.UsageError("set --config.data.tokenizer to the LLM's tokenizer directory")
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model = sharded_model.from_config(config, model_config(config))
+    with model.on_mesh():
+        params = model.load_frozen(_CKPT.value, model.names)
+    towers = model.module.config
+    media = (dict(video=llava_video.load_video(_VIDEO.value, towers.video_tower.num_frames,
+                                               towers.video_tower.image_size))
+             if _VIDEO.value else dict(image=llava_video.load_image(_IMAGE.value, towers.image_tower.image_size)))
+    cfg = dataclasses.replace(
+        DEMO, do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+        top_p=_TOP_P.value, top_k=_TOP_K.value, num_beams=_BEAMS.value, repetition_penalty=_REPETITION.value,
+        max_length=_MAX_LENGTH.value, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id,
+    )
+    turns = []
+    for i, question in enumerate(_QUESTION.value):
+        started = time.perf_counter()
+        with model.on_mesh():
+            text, tokens, _ = llava_answer.answer(model.module, params, tokenizer, question, cfg=cfg,
+                                                  rng=jax.random.key(_SEED.value + i), **media)
+        turns.append({"question": question, "answer": text, "tokens": len(tokens),
+                      "seconds": round(time.perf_counter() - started, 2)})
+    print(json.dumps({"media": _VIDEO.value or _IMAGE.value, "template": "llava_v1", "turns": turns}))
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    try:
+        require_family(_CONFIG.value, "vllama-chat", ("video_llama", "video_llava"))
+    except ValueError as err:
+        raise app.UsageError(str(err)) from err
+    if _CONFIG.value.get("family", "video_llama") == "video_llava":
+        return _video_llava_answers(log)
     session = load_session(_CONFIG.value, _CKPT.value, log=log)
     template = _TEMPLATE.value or _CONFIG.value.data.get("template", "vicuna")
     if template not in chat_prompt.TEMPLATE_NAMES:

@@ -31,6 +31,10 @@ class EvaVitConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_impl: str = "xla"  # layers.ATTENTION_IMPLS: 'xla', 'dot_product_attention', 'splash'
+
+    def __post_init__(self):
+        layers.check_attention_impl(self.attention_impl, "EvaVitConfig")
 
     @property
     def num_patches(self) -> int:
@@ -52,7 +56,7 @@ class EvaAttention(nn.Module):
         q = layers.dense(heads, ("embed", "heads", "kv"), name="query", **kw)(x)
         k = layers.dense(heads, ("embed", "heads", "kv"), name="key", use_bias=False, **kw)(x)
         v = layers.dense(heads, ("embed", "heads", "kv"), name="value", **kw)(x)
-        out = layers.attention(q, k, v)
+        out = layers.attention(q, k, v, impl=cfg.attention_impl)
         return layers.dense(cfg.width, ("heads", "kv", "embed"), name="proj", num_in=2, **kw)(out)
 
 

@@ -44,6 +44,10 @@ class ImageBindTowerConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_impl: str = "xla"  # layers.ATTENTION_IMPLS: 'xla', 'dot_product_attention', 'splash'
+
+    def __post_init__(self):
+        layers.check_attention_impl(self.attention_impl, "ImageBindTowerConfig")
 
     @property
     def in_channels(self) -> int:
@@ -113,7 +117,7 @@ class MultiheadAttention(nn.Module):
             extra = [jnp.broadcast_to(jnp.asarray(e, q.dtype).reshape(1, 1, *heads), (batch, 1, *heads)) for e in extra]
             k = jnp.concatenate([k, extra[0]], axis=1)
             v = jnp.concatenate([v, extra[1]], axis=1)
-        out = layers.attention(q, k, v)
+        out = layers.attention(q, k, v, impl=cfg.attention_impl)
         return layers.dense(
             cfg.width, ("heads", "kv", "embed"), name="out_proj", num_in=2, kernel_init=OUT_PROJ_INIT, **kw
         )(out)

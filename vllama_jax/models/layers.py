@@ -1,7 +1,8 @@
 """Building blocks shared by every tower: named-axis parameters, norms, attention, layer stacks.
 
 Every parameter is created through `param_init(...)` so it carries logical axis names; `vllama_jax.sharding`
-maps those names to mesh axes. No module here knows about a mesh.
+maps those names to mesh axes. No module here is given a mesh; only the splash-attention kernel reads the current
+one, to split itself over it by the same logical names.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec
 
 Axes = tuple[str | None, ...]
 
@@ -133,12 +136,73 @@ class RMSNorm(nn.Module):
         return (jnp.asarray(scale, self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
 
 
-def attention(query, key, value, allowed=None, *, dropout: Callable | None = None):
-    """Scaled dot-product attention with grouped key/value heads.
+# How attention is computed: every tower config's `attention_impl` names one of these (docs/model.md#attention).
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "splash")
+# Splash attention works in (query block × key block) tiles whose sides are multiples of the TPU's 128 lanes;
+# lengths are padded up to whole tiles, tiles grow with the length up to this side.
+SPLASH_LANES = 128
+SPLASH_MAX_BLOCK = 512
 
-    query (B, Sq, H, D), key/value (B, Sk, K, D) with H a multiple of K; `allowed` broadcasts to (B, 1, Sq, Sk)
-    (True = may attend). Scores and softmax run in float32; the result has the query's dtype.
+
+def check_attention_impl(impl: str, owner: str) -> None:
+    """Refuse an unknown `attention_impl` early (at config time), naming the config and the valid values."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"{owner}.attention_impl={impl!r} is not an attention implementation: expected one of "
+                         f"{list(ATTENTION_IMPLS)}")
+
+
+def attention(query, key, value, allowed=None, *, causal: bool = False, key_mask=None, impl: str = "xla",
+              dropout: Callable | None = None):
+    """Scaled dot-product attention with grouped key/value heads, computed by `impl` (one of ATTENTION_IMPLS).
+
+    query (B, Sq, H, D), key/value (B, Sk, K, D) with H a multiple of K. Which keys a query may see combines
+    `causal` (query i sees keys 0..i), `key_mask` (B, Sk; True = a real key) and `allowed` (any mask that
+    broadcasts to (B, 1, Sq, Sk), True = may attend). Scores and softmax run in float32; the result has the
+    query's dtype. A query row with no key to see (a left-padding token) comes out finite but differs between
+    implementations: callers ignore such rows.
+
+    - 'xla': the einsum below, the reference the others are tested against;
+    - 'dot_product_attention': `jax.nn.dot_product_attention`, cuDNN flash attention on a GPU in bfloat16 /
+      float16, XLA's own attention elsewhere;
+    - 'splash': the Pallas TPU splash-attention kernel (interpreted off TPU, which is slow: for tests). It takes
+      `causal` and `key_mask` only; a general `allowed` mask is refused.
+    `dropout` on the probabilities needs the probabilities, which only 'xla' forms: the others refuse it.
     """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r}: expected one of {list(ATTENTION_IMPLS)}")
+    if dropout is not None and impl != "xla":
+        raise ValueError(f"attention dropout is applied to the attention probabilities, which attention_impl={impl!r}"
+                         " never forms: set the tower's attention dropout to 0 or its attention_impl to 'xla'")
+    if impl == "splash":
+        if allowed is not None:
+            raise ValueError("attention_impl='splash' takes its mask as `causal` and `key_mask`, not a general "
+                             "`allowed` mask (a KV cache's offset causal mask has no splash kernel: use 'xla')")
+        return _splash_attention(query, key, value, causal, key_mask)
+    if impl == "dot_product_attention":
+        # causal apart, so that cuDNN skips the masked-out half instead of reading it as a bias
+        return _dot_product_attention(query, key, value, _combined_mask(allowed, key_mask), causal)
+    causal_lengths = (query.shape[1], key.shape[1]) if causal else None
+    return _einsum_attention(query, key, value, _combined_mask(allowed, key_mask, causal_lengths), dropout)
+
+
+def _combined_mask(allowed, key_mask, causal_lengths: tuple[int, int] | None = None):
+    """`allowed`, `key_mask` and, given (Sq, Sk), the causal mask as one boolean mask broadcasting to
+    (B, 1, Sq, Sk); None when there is nothing to mask."""
+    masks = [] if allowed is None else [allowed.astype(bool)]
+    if causal_lengths is not None:
+        q_len, kv_len = causal_lengths
+        masks.append((jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])[None, None])
+    if key_mask is not None:
+        masks.append(key_mask.astype(bool)[:, None, None, :])
+    if not masks:
+        return None
+    combined = masks[0]
+    for mask in masks[1:]:
+        combined = combined & mask
+    return combined
+
+
+def _einsum_attention(query, key, value, allowed, dropout):
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     groups = num_heads // num_kv_heads
@@ -153,6 +217,99 @@ def attention(query, key, value, allowed=None, *, dropout: Callable | None = Non
         probs = dropout(probs)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(value.dtype), value)
     return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _target_platform() -> str:
+    """The platform the program is built for: the current mesh's devices (an ahead-of-time compile for abstract
+    TPU devices runs on a CPU host), else JAX's default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def _dot_product_attention(query, key, value, allowed, causal: bool):
+    # cuDNN's flash attention takes bfloat16 / float16 only; in float32 (and off GPU) XLA's path runs.
+    on_cudnn = _target_platform() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
+    return jax.nn.dot_product_attention(
+        query, key.astype(query.dtype), value.astype(query.dtype), mask=allowed, is_causal=causal,
+        implementation="cudnn" if on_cudnn else None,
+    )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _splash_block(length: int) -> int:
+    """The splash tile side for a sequence: the length rounded up to whole lanes, at most SPLASH_MAX_BLOCK."""
+    return min(SPLASH_MAX_BLOCK, _round_up(length, SPLASH_LANES))
+
+
+def _splash_attention(query, key, value, causal: bool, key_mask):
+    """Splash attention over the batch: lengths padded to whole tiles, padding keys (and `key_mask`'s) masked by
+    segment ids (every query is segment 1, a key is segment 1 if real, 0 if not), sharded over the mesh."""
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    if causal and q_len != kv_len:
+        raise ValueError(f"splash causal attention needs as many queries as keys, got {q_len} and {kv_len}")
+    block_q, block_kv = _splash_block(q_len), _splash_block(kv_len)
+    q_pad, kv_pad = _round_up(q_len, block_q) - q_len, _round_up(kv_len, block_kv) - kv_len
+
+    def to_kernel_layout(x, pad):  # (B, S, heads, D) -> (B, heads, S + pad, D)
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    # the kernel does not scale the scores: scale the queries instead
+    q = to_kernel_layout((query * head_dim**-0.5).astype(query.dtype), q_pad)
+    k = to_kernel_layout(key.astype(query.dtype), kv_pad)
+    v = to_kernel_layout(value.astype(query.dtype), kv_pad)
+    real_keys = jnp.ones((batch, kv_len), bool) if key_mask is None else key_mask.astype(bool)
+    query_segments = jnp.ones((batch, q_len + q_pad), jnp.int32)
+    key_segments = jnp.pad(real_keys, ((0, 0), (0, kv_pad))).astype(jnp.int32)
+
+    shape = (q_len + q_pad, kv_len + kv_pad)
+    head_mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
+    blocks = splash.BlockSizes(
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q, block_kv_dq=block_kv,
+    )
+    interpret = _target_platform() != "tpu"
+
+    def per_shard(q, k, v, query_segments, key_segments):
+        # built from the shard's own head count: under tensor parallelism a device holds some heads
+        kernel = splash.make_splash_mha(
+            splash.MultiHeadMask([head_mask] * q.shape[1]), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+            interpret=interpret,
+        )
+        return jax.vmap(kernel)(q, k, v, splash.SegmentIds(q=query_segments, kv=key_segments))
+
+    out = _over_mesh(per_shard, batch, num_heads, num_kv_heads)(q, k, v, query_segments, key_segments)
+    return out.transpose(0, 2, 1, 3)[:, :q_len]
+
+
+def _over_mesh(per_shard: Callable, batch: int, num_heads: int, num_kv_heads: int) -> Callable:
+    """`per_shard` mapped over the current mesh (a Pallas kernel is one device's program, so XLA cannot split it
+    itself): examples split as `activation_batch` says, heads as `heads` says when `kv_heads` splits the same way
+    and both divide; everything else replicated. Off a mesh, `per_shard` itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return per_shard
+
+    def mesh_axes(logical_name: str, size: int):
+        (axes,) = nn.logical_to_mesh_axes((logical_name,))
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        ways = math.prod(mesh.shape[name] for name in names)
+        return axes if ways > 1 and size % ways == 0 else None
+
+    batch_axes = mesh_axes("activation_batch", batch)
+    head_axes = mesh_axes("heads", num_heads)
+    if head_axes != mesh_axes("kv_heads", num_kv_heads):
+        head_axes = None
+    heads_spec = PartitionSpec(batch_axes, head_axes, None, None)
+    segments_spec = PartitionSpec(batch_axes, None)
+    return jax.shard_map(
+        per_shard, mesh=mesh, in_specs=(heads_spec,) * 3 + (segments_spec,) * 2, out_specs=heads_spec,
+        check_vma=False,
+    )
 
 
 REMAT_POLICIES: dict[str, Callable | None] = {

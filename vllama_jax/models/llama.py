@@ -36,6 +36,10 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_impl: str = "xla"  # layers.ATTENTION_IMPLS: 'xla', 'dot_product_attention', 'splash'
+
+    def __post_init__(self):
+        layers.check_attention_impl(self.attention_impl, "LlamaConfig")
 
     @property
     def head_dim(self) -> int:
@@ -106,18 +110,18 @@ class LlamaAttention(nn.Module):
         v = layers.dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), name="v_proj", **kw)(x)
         q = apply_rotary(q, positions, cfg.rope_theta)
         k = apply_rotary(k, positions, cfg.rope_theta)
-        length = x.shape[1]
-        overflow = False
         if self.decode:
             k, v, key_mask, query_slots = self._update_cache(k, v, padding_mask)
             key_slots = jnp.arange(k.shape[1])
+            causal = key_slots[None, :] <= query_slots[:, None]
+            allowed = causal[None, None] & key_mask[:, None, None, :].astype(bool)
+            # the cache's causal mask is offset by the write index, which splash cannot express: einsum instead
+            impl = "xla" if cfg.attention_impl == "splash" else cfg.attention_impl
+            out = layers.attention(q, k, v, allowed, impl=impl)
             # writing past the cache's end would clamp and overwrite its last slots: make that loud, not wrong
-            overflow = query_slots[-1] >= k.shape[1]
+            out = jnp.where(query_slots[-1] >= k.shape[1], jnp.nan, out)
         else:
-            key_mask, query_slots, key_slots = padding_mask, jnp.arange(length), jnp.arange(length)
-        causal = key_slots[None, :] <= query_slots[:, None]
-        allowed = causal[None, None] & key_mask[:, None, None, :].astype(bool)
-        out = jnp.where(overflow, jnp.nan, layers.attention(q, k, v, allowed))
+            out = layers.attention(q, k, v, causal=True, key_mask=padding_mask, impl=cfg.attention_impl)
         return layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="o_proj", num_in=2, **kw)(out)
 
     def _update_cache(self, k, v, padding_mask):

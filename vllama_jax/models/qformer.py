@@ -32,6 +32,10 @@ class QFormerConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_impl: str = "xla"  # layers.ATTENTION_IMPLS: 'xla', 'dot_product_attention', 'splash'
+
+    def __post_init__(self):
+        layers.check_attention_impl(self.attention_impl, "QFormerConfig")
 
     @property
     def head_dim(self) -> int:
@@ -67,8 +71,10 @@ class QFormerAttention(nn.Module):
         k = layers.dense(heads, (context_axis, "heads", "kv"), name="key", **dense_kw)(context)
         v = layers.dense(heads, (context_axis, "heads", "kv"), name="value", **dense_kw)(context)
         drop = nn.Dropout(cfg.attention_dropout, deterministic=self.deterministic)
-        allowed = None if context_mask is None else context_mask[:, None, None, :].astype(bool)
-        out = layers.attention(q, k, v, allowed, dropout=drop)
+        # passed only when it acts: the fused implementations cannot drop attention probabilities
+        acting = cfg.attention_dropout > 0 and not self.deterministic
+        out = layers.attention(q, k, v, key_mask=context_mask, dropout=drop if acting else None,
+                               impl=cfg.attention_impl)
         out = layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", num_in=2, **dense_kw)(out)
         out = nn.Dropout(cfg.hidden_dropout, deterministic=self.deterministic)(out)
         return layers.layer_norm(cfg.layer_norm_eps, name="output_layernorm", **kw)(out + x)

@@ -208,7 +208,8 @@ class TorchVideoLlama(torch.nn.Module):
         q = self.Qformer(
             query_embeds=self.query_tokens.expand(b * t, -1, -1), encoder_hidden_states=image_embeds
         ).last_hidden_state
-        q = q.view(b, t, q.shape[1], -1) + self.video_frame_position_embedding(torch.arange(t))[None, :, None, :]
+        positions = self.video_frame_position_embedding(torch.arange(t, device=q.device))  # on the model's device
+        q = q.view(b, t, q.shape[1], -1) + positions[None, :, None, :]
         video = self.video_Qformer(
             query_embeds=self.video_query_tokens.expand(b, -1, -1), encoder_hidden_states=q.flatten(1, 2)
         ).last_hidden_state

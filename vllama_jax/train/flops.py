@@ -16,9 +16,18 @@ from vllama_jax.models.video_llama import VideoLlamaConfig
 
 def compiled_flops(compiled) -> float:
     """FLOPs per device of one compiled program, as XLA's cost analysis reports them."""
+    return compiled_costs(compiled)["flops"]
+
+
+def compiled_costs(compiled) -> dict[str, float]:
+    """The additive figures of XLA's cost analysis of one compiled program, per device: `flops`, and where the
+    compiler models the step's time (XLA:TPU does, XLA:CPU does not) `optimal_seconds`, its own estimate."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
+    out = {"flops": float(cost.get("flops", 0.0))}
+    if "optimal_seconds" in cost:
+        out["optimal_seconds"] = float(cost["optimal_seconds"])
+    return out
 
 
 def lowered_flops(lowered) -> float:
@@ -57,14 +66,25 @@ def scan_aware_flops(model_cfg: VideoLlamaConfig, flops_of: Callable[[VideoLlama
     no scanned tower the answer is `unscanned` (the count of the step already compiled), or one call;
     otherwise 1 + (number of towers) calls on shallow, unscanned models.
     """
+    costs = scan_aware_costs(
+        model_cfg, lambda m: {"flops": flops_of(m)}, None if unscanned is None else {"flops": unscanned}
+    )
+    return costs["flops"]
+
+
+def scan_aware_costs(model_cfg: VideoLlamaConfig, costs_of: Callable[[VideoLlamaConfig], dict[str, float]],
+                     unscanned: dict[str, float] | None = None) -> dict[str, float]:
+    """`scan_aware_flops` for every additive figure `costs_of(cfg)` returns (FLOPs, the compiler's time estimate),
+    each extrapolated over the depth of every tower from the same shallow compiles."""
     stacks = towers(model_cfg)
     if not any(getattr(model_cfg, name).scan_layers for name in stacks):
-        return flops_of(model_cfg) if unscanned is None else unscanned
+        return costs_of(model_cfg) if unscanned is None else unscanned
     base_units = {name: 1 for name in stacks}
-    base = flops_of(_shallow(model_cfg, base_units))
-    total = base
+    base = costs_of(_shallow(model_cfg, base_units))
+    total = dict(base)
     for name, (_, count) in stacks.items():
         if count > 1:
-            deeper = flops_of(_shallow(model_cfg, {**base_units, name: 2}))
-            total += (count - 1) * (deeper - base)
+            deeper = costs_of(_shallow(model_cfg, {**base_units, name: 2}))
+            for key in total:
+                total[key] += (count - 1) * (deeper[key] - base[key])
     return total

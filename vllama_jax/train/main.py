@@ -14,6 +14,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
+from vllama_jax.config import require_family
 from vllama_jax.train import distributed, shapes_world
 from vllama_jax.train.trainer import train
 
@@ -27,6 +28,10 @@ def main(argv):
     del argv
     distributed.start_process()
     config = _CONFIG.value
+    try:
+        require_family(config, "vllama-train")
+    except ValueError as err:
+        raise app.UsageError(str(err)) from err
     if config.data.get("source") == shapes_world.SOURCE:  # the CPU demo: its clips, tokenizer and frozen LLM
         config = shapes_world.prepare(config, _WORKDIR.value)
     result = train(config, _WORKDIR.value)

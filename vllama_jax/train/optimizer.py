@@ -26,6 +26,9 @@ class OptimizerConfig:
     beta2: float = 0.999
     grad_clip: float = 0.0  # 0 = no clipping (the original recipes do not clip)
     grad_accum: int = 1
+    # "lavis_warmup_cosine" (Video-LLaMA's LAVIS schedule) or "warmup_cosine" (Video-LLaVA's transformers Trainer:
+    # linear 0 -> init_lr over warmup_steps, then cosine to 0 at iters_per_epoch * max_epoch; min/warmup_lr unused)
+    schedule: str = "lavis_warmup_cosine"
 
 
 def lavis_warmup_cosine(cfg: OptimizerConfig):
@@ -42,6 +45,30 @@ def lavis_warmup_cosine(cfg: OptimizerConfig):
         return jnp.where(epoch == 0, warm, cosine)
 
     return schedule
+
+
+def warmup_cosine(cfg: OptimizerConfig):
+    """transformers' `get_cosine_schedule_with_warmup` at iteration `i` (one iteration = one micro-batch)."""
+    total = cfg.iters_per_epoch * cfg.max_epoch
+
+    def schedule(iteration):
+        iteration = jnp.asarray(iteration, jnp.float32)
+        warm = iteration / max(cfg.warmup_steps, 1)
+        progress = (iteration - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
+        cosine = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * progress)))
+        return cfg.init_lr * jnp.where(iteration < cfg.warmup_steps, warm, cosine)
+
+    return schedule
+
+
+SCHEDULES = {"lavis_warmup_cosine": lavis_warmup_cosine, "warmup_cosine": warmup_cosine}
+
+
+def learning_rate_schedule(cfg: OptimizerConfig):
+    """The config's schedule (`cfg.schedule`, a key of SCHEDULES)."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule {cfg.schedule!r}: expected one of {sorted(SCHEDULES)}")
+    return SCHEDULES[cfg.schedule](cfg)
 
 
 def decay_mask(params):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from vllama_jax.models.video_llama import Branch, VideoLlama, causal_lm_loss
-from vllama_jax.train.optimizer import OptimizerConfig, lavis_warmup_cosine
+from vllama_jax.train.optimizer import OptimizerConfig, learning_rate_schedule
 
 
 @flax.struct.dataclass
@@ -66,7 +66,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     tokens)` is the model family's loss (e.g. `video_llama_loss`) over every parameter, frozen and trainable. `batch`
     arrays lead with the global batch; with grad_accum = k it is split into k micro-batches (the original's
     accum_grad_iters), each a LAVIS iteration."""
-    schedule = lavis_warmup_cosine(cfg)
+    schedule = learning_rate_schedule(cfg)
     accum = cfg.grad_accum
 
     def micro_loss(trainable, frozen, micro, key):
