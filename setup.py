@@ -49,6 +49,7 @@ setup(
             "regex",
             "iopath>=0.1.9",
             "ruff==0.17.6",
+            "decord==0.6.0",  # the original's video reader: the frame reference in tests, never a package dependency
             "jax[tpu]>=0.10.2,<0.11",  # the TPU compiler, for tests/unit/test_tpu_topology.py
         ],  # ruff: the style rules (pyproject.toml), checked by tests/unit/test_repository.py
     },

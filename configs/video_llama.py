@@ -208,6 +208,10 @@ def get_config(arg: str = "") -> "ml_collections.ConfigDict":
         num_frames=8,
         frame_sampling=row["frame_sampling"],
         crop_scale=TRAIN_CROP_SCALE,  # the train RandomResizedCrop's area fraction range (the original's)
+        # the original's train crop casts float frames to uint8 with wrap-around (torch's .to(uint8)); False clips
+        wrap_uint8=True,
+        # False: crop decord's 224 x 224 frames, as the original; True: crop the native frames, one antialiased resize
+        crop_native=False,
         max_txt_len=row["max_txt_len"],
         end_sym=row["end_sym"],
         # stage 2's conversation format, as the original's model_type: LLaMA-2-chat models use [INST], the rest ###

@@ -1,6 +1,7 @@
-"""Audio for the audio branch: ImageBind's `load_and_transform_audio_data` rebuilt on numpy, PyAV and librosa.
+"""Audio for the audio branch: ImageBind's `load_and_transform_audio_data` rebuilt on numpy and PyAV.
 
-waveform → 16 kHz → `clips_per_video` 2-second clips → Kaldi-compatible log-mel fbank (128 bins, 25 ms / 10 ms,
+waveform (integer PCM / 2^(bits − 1), as torchaudio.load) → 16 kHz by torchaudio's windowed-sinc resampler
+(`resample`) → `clips_per_video` 2-second clips → Kaldi-compatible log-mel fbank (128 bins, 25 ms / 10 ms,
 hanning window, dither 0, DC offset removed per frame, pre-emphasis 0.97) → (128, frames) padded or cut to 204
 frames → (x − mean) / std with ImageBind's AudioSet statistics.
 
@@ -12,6 +13,7 @@ channels while the fbank reads channel 0. `faithful=False` gives the clean varia
 from __future__ import annotations
 
 import io
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -107,11 +109,66 @@ def fbank_clips(
     return (out - AUDIO_MEAN) / AUDIO_STD
 
 
+def resample_kernel(orig_freq: int, new_freq: int, lowpass_filter_width: int = 6, rolloff: float = 0.99):
+    """torchaudio's `sinc_interp_hann` filter bank: (new, 2·width + orig) taps for the frequencies reduced by their
+    gcd, and `width`. A sinc low-passed at rolloff × the lower Nyquist rate, under a Hann window (cos² over
+    ±lowpass_filter_width zero crossings), one row per output phase.
+
+    Computed in float32 in torchaudio's order of operations, as it does for a float32 waveform: the taps' float32
+    rounding alone moves the resampled waveform by ~6e-6, which the top mel bins (7.5–8 kHz, just under the
+    filter's cutoff, where little energy is left) turn into log-mel differences of up to 0.04."""
+    f32 = np.float32
+    orig, new = int(orig_freq), int(new_freq)
+    cutoff = min(orig, new) * rolloff
+    width = math.ceil(lowpass_filter_width * orig / cutoff)
+    taps = np.arange(-width, width + orig, dtype=f32)[None, :] / f32(orig)
+    t = (np.arange(0, -new, -1, dtype=f32)[:, None] / f32(new) + taps) * f32(cutoff)
+    t = np.clip(t, f32(-lowpass_filter_width), f32(lowpass_filter_width))
+    window = np.cos(t * f32(math.pi) / f32(lowpass_filter_width) / f32(2)) ** 2
+    t = t * f32(math.pi)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sinc = np.where(t == 0, f32(1), np.sin(t) / t)
+    return (sinc * (window * f32(cutoff / orig))).astype(f32), width
+
+
+def resample(waveform: np.ndarray, orig_freq: int, new_freq: int, lowpass_filter_width: int = 6,
+             rolloff: float = 0.99) -> np.ndarray:
+    """(..., samples) at orig_freq -> (..., ceil(samples · new / orig)) at new_freq as
+    `torchaudio.functional.resample` (its default `sinc_interp_hann`, width 6, rolloff 0.99), which ImageBind
+    calls: zero-padded by the filter width, each output phase a strided correlation with its row of the kernel.
+    float32 out."""
+    waveform = np.asarray(waveform, np.float32)
+    if orig_freq == new_freq:
+        return waveform
+    gcd = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // gcd, int(new_freq) // gcd
+    kernel, width = resample_kernel(orig, new, lowpass_filter_width, rolloff)
+    flat = waveform.reshape(-1, waveform.shape[-1]).astype(np.float64)
+    length = flat.shape[1]
+    taps = kernel.shape[1]
+    blocks = (length + 2 * width + orig - taps) // orig + 1  # conv1d's output length at stride orig
+    groups = -(-taps // orig)  # the kernel cut into groups of orig taps: no strided copy of the signal needed
+    kernel = np.pad(kernel, ((0, 0), (0, groups * orig - taps)))
+    padded = np.pad(flat, ((0, 0), (width, width + orig + (blocks + groups - 1) * orig - (length + 2 * width + orig))))
+    rows = padded[:, : (blocks + groups - 1) * orig].reshape(flat.shape[0], blocks + groups - 1, orig)
+    out = sum(rows[:, j : j + blocks] @ kernel[:, j * orig : (j + 1) * orig].T for j in range(groups))
+    out = out.reshape(flat.shape[0], -1)[:, : math.ceil(new * length / orig)]
+    return out.reshape(*waveform.shape[:-1], -1).astype(np.float32)
+
+
+def pcm_to_float(data: np.ndarray) -> np.ndarray:
+    """Decoded samples -> float32 as torchaudio.load normalises them: signed integers / 2^(bits − 1) (int16 / 32768,
+    so −32768 is exactly −1), unsigned 8-bit (x − 128) / 128; float formats unchanged."""
+    if data.dtype == np.uint8:
+        return (data.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(data.dtype, np.integer):
+        return (data.astype(np.float64) / float(2 ** (8 * data.dtype.itemsize - 1))).astype(np.float32)
+    return data.astype(np.float32)
+
+
 def read_audio(path: str | Path | bytes, sample_rate: int = SAMPLE_RATE, name: str = "<bytes>") -> np.ndarray | None:
     """The first audio track of a media file (a path, or its encoded bytes) as float32 (channels, samples)
-    resampled to `sample_rate` with librosa; None when the file has no audio track."""
-    import librosa
-
+    resampled to `sample_rate` as torchaudio does (`resample`); None when the file has no audio track."""
     source = io.BytesIO(path) if isinstance(path, bytes) else str(path)
     path = name if isinstance(path, bytes) else path
     try:
@@ -130,12 +187,7 @@ def read_audio(path: str | Path | bytes, sample_rate: int = SAMPLE_RATE, name: s
     data = np.concatenate(chunks, axis=1)
     if not planar:
         data = data.reshape(-1, channels).T
-    if np.issubdtype(data.dtype, np.integer):
-        data = data.astype(np.float32) / np.iinfo(data.dtype).max
-    data = data.astype(np.float32)
-    if rate != sample_rate:
-        data = librosa.resample(data, orig_sr=rate, target_sr=sample_rate, axis=-1).astype(np.float32)
-    return data
+    return resample(pcm_to_float(data), rate, sample_rate)
 
 
 def load_audio_clips(

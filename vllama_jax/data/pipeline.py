@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 
 from vllama_jax.constants import IGNORE_INDEX
-from vllama_jax.data import audio, conversation, records, text, video
+from vllama_jax.data import audio, conversation, image, records, text, video
 
 
 class SkipReason(enum.IntEnum):
@@ -56,6 +56,12 @@ class PipelineConfig:
     frame_sampling: str = "headtail"  # the original train processor's; eval uses uniform
     train: bool = True  # random resized crop (train) or resize only (eval)
     crop_scale: tuple[float, float] = video.TRAIN_CROP_SCALE  # the train crop's area fraction range
+    # the train crop's float -> uint8 cast wraps out-of-range values as the original's `.to(torch.uint8)` does;
+    # False clips them instead (the clean variant; docs/data.md)
+    wrap_uint8: bool = True
+    # the clean variant of the video train crop: draw the box on the native-size frames and resize it once,
+    # antialiased (video.train_transform_native), instead of the original's crop of frames decoded at image_size²
+    crop_native: bool = False
     num_soft_tokens: int = 32
     image_token_id: int = 32000
     text_length: int = 1 + 32 + 32  # BOS + soft tokens + max_txt_len for captions
@@ -91,7 +97,8 @@ class ExampleBuilder(grain.transforms.RandomMap):
     def __init__(self, config: PipelineConfig, tokenizer):
         self.config = config
         self.tokenizer = tokenizer
-        self.decoded: dict[tuple[str, str], dict[int, np.ndarray]] = {}  # (dataset, id) -> frames (cache_decoded)
+        # (dataset, id) -> (frame count, {index: frame}) with cache_decoded
+        self.decoded: dict[tuple[str, str], tuple[int, dict[int, np.ndarray]]] = {}
 
     def random_map(self, record: bytes, rng: np.random.Generator) -> dict[str, Any]:
         cfg = self.config
@@ -155,42 +162,53 @@ class ExampleBuilder(grain.transforms.RandomMap):
 
     def _frames(self, sample: records.Sample, rng, name: str):
         cfg = self.config
-        if sample.kind == "image" or cfg.num_frames == 1:
-            indices, real = np.zeros(cfg.num_frames, int), 1
+        if sample.kind == "image":  # the original's BLIP-2 image processors, on Pillow
+            one = (
+                image.train_image(sample.media, rng, cfg.image_size, cfg.crop_scale, name)
+                if cfg.train
+                else image.eval_image(sample.media, cfg.image_size, name)
+            )
+            # copies keep the shapes fixed; the frame mask says the model reads frame 0 alone
+            frames = np.repeat(one[None], cfg.num_frames, axis=0)
+            return frames.astype(np.float32), np.arange(cfg.num_frames) < 1, [], False
+        picked = {}
+
+        def pick(count):  # decord's frame count, from the file itself (not the record's, possibly an old estimate)
+            picked["indices"], picked["real"] = video.sample_indices_padded(count, cfg.num_frames, cfg.frame_sampling,
+                                                                            rng)
+            return picked["indices"]
+
+        native = cfg.train and cfg.crop_native
+        raw = self._decode(sample, pick, None if native else cfg.image_size, name)
+        indices, real = picked["indices"], picked["real"]
+        if native:
+            frames = video.train_transform_native(raw, rng, cfg.image_size, cfg.crop_scale)
+        elif cfg.train:
+            frames = video.train_transform(raw, rng, cfg.image_size, cfg.crop_scale, cfg.wrap_uint8)
         else:
-            indices, real = video.sample_indices_padded(sample.num_frames, cfg.num_frames, cfg.frame_sampling, rng)
-        if sample.kind == "image":
-            raw = np.repeat(self._decode(sample, [0], None, name), cfg.num_frames, axis=0)
-        else:
-            raw = self._decode(sample, indices, cfg.image_size, name)
-        frames = (
-            video.train_transform(raw, rng, cfg.image_size, cfg.crop_scale)
-            if cfg.train
-            else video.eval_transform(raw, cfg.image_size)
-        )
-        # an image's copies and a short video's repeated last frame only keep the shapes fixed: the model reads the
-        # real frames alone (the original's 1-frame video, and its min(n_frms, vlen) frames of a short video)
+            frames = video.eval_transform(raw, cfg.image_size)
+        # a short video's repeated last frame only keeps the shapes fixed: the model reads the real frames alone
+        # (the original's min(n_frms, vlen) frames of a short video)
         frame_mask = np.arange(cfg.num_frames) < real
         fps = sample.fps or 1.0
-        repaired = sample.kind == "video" and real < cfg.num_frames
-        return frames.astype(np.float32), frame_mask, [float(i) / fps for i in indices[:real]], repaired
+        return frames.astype(np.float32), frame_mask, [float(i) / fps for i in indices[:real]], real < cfg.num_frames
 
-    def _decode(self, sample: records.Sample, indices, size: int | None, name: str) -> np.ndarray:
-        """The frames at `indices` (uint8), decoded now or, with `cache_decoded`, kept frame by frame: every frame of
-        the clip on its first read, or, where not every frame the header counts decodes, each frame once it has
-        been asked for (a frame that does not decode fails every time, as without the cache)."""
+    def _decode(self, sample: records.Sample, pick, size: int | None, name: str) -> np.ndarray:
+        """The frames `pick(frame count)` chooses (uint8, decoded at size² as decord does, or native size when None),
+        decoded now or, with `cache_decoded`, kept frame by frame: every frame of the clip on its first read, or,
+        where not every frame decodes, each frame once it has been asked for (a frame that does not decode fails
+        every time, as without the cache)."""
         if not self.config.cache_decoded:
-            return video.read_frames_seeking(sample.media, indices, size, name=name)[0]
+            return video.read_sampled(sample.media, pick, size, name)[0]
         key = (sample.dataset, sample.id)
-        cache = self.decoded.get(key)
-        if cache is None:
-            count = 1 if sample.kind == "image" else sample.num_frames
+        if key not in self.decoded:
             try:
-                cache = dict(enumerate(video.read_frames_seeking(sample.media, range(count), size, name=name)[0]))
+                frames, every, _ = video.read_sampled(sample.media, range, size, name)
+                self.decoded[key] = (len(every), dict(zip(every, frames)))
             except ValueError:
-                cache = {}
-            self.decoded[key] = cache
-        wanted = [int(i) for i in np.asarray(indices).reshape(-1)]
+                self.decoded[key] = (video.count_frames(sample.media, name), {})
+        count, cache = self.decoded[key]
+        wanted = [int(i) for i in np.asarray(pick(count)).reshape(-1)]
         missing = sorted(set(wanted) - cache.keys())
         if missing:
             cache.update(zip(missing, video.read_frames_seeking(sample.media, missing, size, name=name)[0]))

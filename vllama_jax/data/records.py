@@ -13,6 +13,8 @@ from typing import Any
 import av
 import msgpack
 
+from vllama_jax.data import video_decode
+
 
 @dataclasses.dataclass
 class Sample:
@@ -43,7 +45,9 @@ def decode(record: bytes) -> Sample:
 def probe_media(data: bytes, kind: str) -> dict[str, Any]:
     """Duration, fps, frame count, audio presence and size of encoded media; ValueError when it cannot be read.
 
-    The first frame is decoded, so a file whose header parses but whose video does not is rejected at ingest.
+    The first frame is decoded, so a file whose header parses but whose video does not is rejected at ingest. A
+    video's frame count is decord's, the stream's packets (`video_decode.frame_table`), which the pipeline samples
+    frame indices from: not the header's count, nor duration × fps (which overcounts where the header is silent).
     """
     try:
         with av.open(io.BytesIO(data)) as container:
@@ -53,16 +57,14 @@ def probe_media(data: bytes, kind: str) -> dict[str, Any]:
             first = next(container.decode(stream), None)
             if first is None:
                 raise ValueError("no decodable frame")
-            fps = float(stream.average_rate or 0.0)
-            duration = float(container.duration / av.time_base) if container.duration else 0.0
-            frames = int(stream.frames or 0) or (round(duration * fps) if kind == "video" else 1)
-            return {
-                "duration": duration,
-                "fps": fps,
-                "num_frames": max(frames, 1),
+            meta = {
+                "duration": float(container.duration / av.time_base) if container.duration else 0.0,
+                "fps": float(stream.average_rate or 0.0),
                 "has_audio": bool(container.streams.audio),
                 "width": first.width,
                 "height": first.height,
             }
     except av.error.FFmpegError as err:
         raise ValueError(f"cannot decode: {err}") from err
+    frames = video_decode.count_frames(data, "probe") if kind == "video" else 1
+    return {**meta, "num_frames": max(frames, 1)}

@@ -1,19 +1,19 @@
-"""Video frames for the model: pick frame indices as the original does, decode them with PyAV, normalise.
+"""Video frames for the model: pick frame indices as the original does, decode them as decord does, normalise.
 
 The original (`video_llama/processors/video_processor.py`) decodes with decord, resizing to 224×224 while
-decoding (aspect ratio not kept), then normalises with the CLIP mean and std.
+decoding (aspect ratio not kept), then normalises with the CLIP mean and std. Decoding is `video_decode.py`
+(`read_frames_seeking`, `read_frames` and `count_frames` are re-exported here).
 """
 from __future__ import annotations
 
-import bisect
 import functools
-import io
 import math
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
+
+# the decoding entry points, re-exported so that callers keep one import
+from vllama_jax.data.video_decode import count_frames, read_frames, read_frames_seeking, read_sampled  # noqa: F401
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,50 +39,6 @@ def frame_indices(
     raise ValueError(f"unknown frame sampling {sampling!r}: expected 'uniform' or 'headtail'")
 
 
-def read_frames(path: str | Path, indices, image_size: int) -> tuple[np.ndarray, float]:
-    """Decode the frames at `indices` resized to image_size², as uint8 (len(indices), H, W, 3); and the fps.
-
-    The simple reference: every frame up to the last wanted one is decoded in stream order (those not asked
-    for skip colour conversion). `read_frames_seeking` gives the same pixels without decoding the whole clip.
-    """
-    wanted: dict[int, list[int]] = {}
-    for k, i in enumerate(indices):  # an index may repeat (short videos are padded by repeating a frame)
-        wanted.setdefault(int(i), []).append(k)
-    out = np.zeros((len(indices), image_size, image_size, 3), np.uint8)
-    found = set()
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or 0.0)
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    out[wanted[i]] = frame.to_ndarray(width=image_size, height=image_size, format="rgb24")
-                    found.add(i)
-                if len(found) == len(wanted):
-                    break
-    except (av.error.FFmpegError, IndexError) as err:
-        raise ValueError(f"{path}: cannot decode video ({err})") from err
-    missing = sorted(set(wanted) - found)
-    if missing:
-        raise ValueError(f"{path}: frames {missing[:5]} are past the end of the video")
-    return out, fps
-
-
-def count_frames(path: str | Path) -> int:
-    """Frame count from the container header, or by demuxing packets when the header does not say."""
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as err:
-        raise ValueError(f"{path}: cannot open video ({err})") from err
-    with container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for packet in container.demux(stream) if packet.size)
-
-
 def normalize(frames_uint8: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W, 3) -> float32 CLIP-normalised."""
     x = frames_uint8.astype(np.float32) / 255.0
@@ -90,10 +46,12 @@ def normalize(frames_uint8: np.ndarray) -> np.ndarray:
 
 
 def load_video(path: str | Path, n_frms: int, image_size: int, sampling: str = "uniform", rng=None) -> np.ndarray:
-    """The eval-processor path: n_frms frames of `path`, resized and normalised, (n_frms, H, W, 3) float32."""
-    indices = frame_indices(count_frames(path), n_frms, sampling, rng)
-    frames, _ = read_frames_seeking(path, indices, image_size)
-    return normalize(frames)
+    """The original's `load_video` + eval processor: n_frms frames of `path` (min(n_frms, frame count) for a short
+    video, as the original), decoded at image_size² and normalised, (n, S, S, 3) float32."""
+    frames, _, _ = read_sampled(
+        path, lambda count: frame_indices(count, min(n_frms, count), sampling, rng), image_size, str(path)
+    )
+    return eval_transform(frames, image_size)
 
 
 def sample_indices_padded(num_video_frames: int, n_frms: int, sampling: str, rng=None) -> tuple[np.ndarray, int]:
@@ -106,199 +64,6 @@ def sample_indices_padded(num_video_frames: int, n_frms: int, sampling: str, rng
     indices = frame_indices(num_video_frames, real, sampling, rng)
     real = len(indices)
     return np.concatenate([indices, np.full(n_frms - real, indices[-1], int)]), real
-
-
-def _source_label(source, name: str | None) -> str:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"<bytes> {name}" if name else "<bytes>"
-    return f"{source} ({name})" if name and name != str(source) else str(source)
-
-
-def _open(source):
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return av.open(io.BytesIO(source))
-    return av.open(str(source))
-
-
-class _SeekingDecoder:
-    """Frames of one video stream by index, seeking only when that saves decoding.
-
-    A frame's index is round((pts − start_time) · time_base · average fps). To reach frame t it either keeps
-    decoding forward from the current position p (when no keyframe lies in (p, t], i.e. t is in the GOP being
-    decoded) or seeks to the keyframe at or before t's presentation time. After a seek, frames output before
-    the first keyframe (open-GOP leading pictures, whose references were skipped) are not trusted; if the first
-    trusted frame is already past t the seek landed too late (demuxers seek on decode time stamps), and it
-    backs off further, doubling the step, down to decoding from the start of the stream. That last resort
-    reopens the file rather than seeking to its start (MPEG-TS seeks on decode time stamps land late), so it
-    decodes exactly what `read_frames` does. `reopen` gives a fresh container of the same file.
-    """
-
-    def __init__(self, container, label: str, reopen=None):
-        stream = container.streams.video[0]
-        self.container, self.stream, self.label, self.reopen = container, stream, label, reopen
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate or rate <= 0:
-            raise ValueError(f"{label}: unknown frame rate")
-        self.rate = Fraction(rate)
-        self.time_base = Fraction(stream.time_base)
-        self.start = stream.start_time if stream.start_time is not None else 0
-        self.keyframes = self._indexed_keyframes()
-        self.seen_keyframes: list[int] = []
-        self.frames = None  # the decode generator of the current run
-        self.position: int | None = None  # index of the last frame output in the current run
-        self.trusted = False  # a keyframe has been output since the last seek
-        self.from_start = False  # the current run started at the beginning of the stream
-        self.unseekable = False  # a seek failed (no index, e.g. an empty AVI): only decode from the start on
-        self.decoded_any = False
-        self.decoded_frames = 0  # for tests and the benchmark
-        self.seeks = 0
-
-    def _indexed_keyframes(self) -> list[int] | None:
-        """Keyframe indices from the container's index (mp4, mkv with cues), or None when it has none or only
-        part of the stream. Index timestamps are decode times; they are shifted by the first frame's
-        decode-to-presentation delay, so this is an estimate used only to choose between seeking and decoding on."""
-        entries = self.stream.index_entries
-        count = len(entries)
-        if count == 0 or (self.stream.frames and count < self.stream.frames):
-            return None
-        shift = self.start - entries[0].timestamp
-        return [self.index_of(e.timestamp + shift) for e in entries if e.is_keyframe]
-
-    def index_of(self, pts: int) -> int:
-        return round((pts - self.start) * self.time_base * self.rate)
-
-    def timestamp_of(self, index: int) -> int:
-        return int(self.start + Fraction(index) / self.rate / self.time_base)
-
-    def _keyframe_between(self, low: int, high: int) -> bool:
-        """Whether a keyframe is (known or expected to be) at an index in (low, high]."""
-        if self.keyframes is not None:
-            i = bisect.bisect_right(self.keyframes, low)
-            return i < len(self.keyframes) and self.keyframes[i] <= high
-        seen = self.seen_keyframes
-        if len(seen) >= 2:  # no index: expect the next keyframe one (largest seen) GOP after the last one
-            gop = max(b - a for a, b in zip(seen, seen[1:]))
-            upcoming = seen[-1] + gop
-            while upcoming <= low:
-                upcoming += gop
-            return upcoming <= high
-        return high - low > max(2, int(2 * self.rate))  # GOP unknown yet: assume about 2 s
-
-    def _seek(self, index: int | None):
-        """Seek to the keyframe at or before frame `index`, or go back to the start of the stream when None (also
-        when the container cannot seek)."""
-        if index is not None and not self.unseekable:
-            try:
-                self.container.seek(self.timestamp_of(index), stream=self.stream, backward=True, any_frame=False)
-            except av.error.FFmpegError:
-                self.unseekable = True
-        if index is None or self.unseekable:
-            index = None
-            if self.reopen is not None:
-                self.container.close()
-                self.container = self.reopen()
-                self.stream = self.container.streams.video[0]
-            else:
-                self.container.seek(self.start, stream=self.stream, backward=True, any_frame=False)
-        self.frames = self.container.decode(self.stream)
-        self.position, self.trusted, self.from_start = None, index is None, index is None
-        self.seeks += 1
-
-    def _next(self):
-        """The next trusted frame of the current run and its index, or (None, None) at the end of the stream."""
-        for frame in self.frames:
-            self.decoded_any = True
-            self.decoded_frames += 1
-            if frame.pts is None:
-                if self.position is None:
-                    raise ValueError(f"{self.label}: a frame has no time stamp")
-                index = self.position + 1
-            else:
-                index = self.index_of(frame.pts)
-            if frame.key_frame and (not self.seen_keyframes or index > self.seen_keyframes[-1]):
-                self.seen_keyframes.append(index)
-            self.trusted = self.trusted or frame.key_frame
-            if self.trusted:
-                self.position = index
-                return frame, index
-        return None, None
-
-    def get(self, target: int):
-        if (
-            self.position is None
-            or target <= self.position
-            or (not self.unseekable and self._keyframe_between(self.position, target))
-        ):
-            self._seek(target)
-        back = max(1, int(self.rate))  # first back-off: 1 s before the target
-        while True:
-            frame, index = self._next()
-            while frame is not None and index < target:
-                frame, index = self._next()
-            if frame is not None and index == target:
-                return frame
-            if frame is None and self.from_start:
-                if not self.decoded_any:
-                    raise ValueError(f"{self.label}: the video has no frames")
-                raise ValueError(
-                    f"{self.label}: frame {target} is past the end of the video (last frame {self.position})"
-                )
-            if frame is None and self.decoded_any and self.position is not None:
-                raise ValueError(
-                    f"{self.label}: frame {target} is past the end of the video (last frame {self.position})"
-                )
-            if frame is not None and self.from_start:
-                raise ValueError(
-                    f"{self.label}: frame {target} not found (the stream jumps from before it to "
-                    f"frame {index}; variable frame rate?)"
-                )
-            # landed after the target, or got nothing: seek further back, at the start at the latest
-            if target - back > 0:
-                self._seek(target - back)
-                back *= 2
-            else:
-                self._seek(None)
-
-
-def read_frames_seeking(source, indices, image_size: int | None, name: str | None = None) -> tuple[np.ndarray, float]:
-    """Frames at `indices` (any order, repeats allowed) as uint8 (len, S, S, 3) with S = image_size (aspect ratio
-    not kept, as the original's decord reader), or at native size when image_size is None; and the average fps.
-
-    `source` is a path or the encoded file as bytes; errors are ValueErrors naming it ('<bytes>' plus `name`).
-    Seeks to the keyframe before a wanted frame instead of decoding the whole stream, and decodes on when the
-    next wanted frame is in the GOP being decoded (see `_SeekingDecoder`); only wanted frames are converted to
-    RGB. A frame's index is its presentation time × the average frame rate, its position in the stream for
-    constant-frame-rate video (what decord's index and `read_frames`' count mean there); the pixels equal
-    `read_frames`' for the same indices.
-    """
-    label = _source_label(source, name)
-    order = [int(i) for i in np.asarray(indices).reshape(-1)]
-    if not order:
-        raise ValueError(f"{label}: no frame indices given")
-    if min(order) < 0:
-        raise ValueError(f"{label}: negative frame index {min(order)}")
-    found: dict[int, np.ndarray] = {}
-    container = decoder = None
-    try:
-        container = _open(source)
-        if not container.streams.video:
-            raise ValueError(f"{label}: no video stream")
-        decoder = _SeekingDecoder(container, label, reopen=lambda: _open(source))
-        for target in sorted(set(order)):
-            frame = decoder.get(target)
-            if image_size is None:
-                found[target] = frame.to_ndarray(format="rgb24")
-            else:
-                found[target] = frame.to_ndarray(width=image_size, height=image_size, format="rgb24")
-        fps = float(decoder.rate)
-    except av.error.FFmpegError as err:
-        raise ValueError(f"{label}: cannot decode video ({err})") from err
-    finally:
-        if decoder is not None:
-            decoder.container.close()  # the one it reopened, if it did
-        elif container is not None:
-            container.close()
-    return np.stack([found[i] for i in order]), fps
 
 
 def random_resized_crop_params(
@@ -378,27 +143,52 @@ def resize_bicubic(frames: np.ndarray, size, width: int | None = None) -> np.nda
     return np.einsum("oh,thwc,pw->topc", rows, frames.astype(np.float64), cols, optimize=path)
 
 
-def _to_uint8(frames: np.ndarray) -> np.ndarray:
-    # The original casts with `.to(torch.uint8)`, which truncates toward zero and wraps values outside 0..255
-    # (bicubic overshoot: −3 becomes 253, 258 becomes 2). The wrap-around is NOT reproduced: values are clipped
-    # to 0..255 first, then truncated toward zero like the cast.
-    return np.clip(frames, 0, 255).astype(np.uint8)
+def to_uint8(frames: np.ndarray, wrap: bool = True) -> np.ndarray:
+    """Float frames -> uint8 as the original's `.to(torch.uint8)` casts them: truncated toward zero, and values
+    outside 0..255 (bicubic overshoot at hard edges) wrap around modulo 256 (−3 becomes 253, 258 becomes 2).
+    `wrap=False` is the clean variant: clip to 0..255 first (a dark pixel next to a bright edge stays dark)."""
+    if not wrap:
+        return np.clip(frames, 0, 255).astype(np.uint8)
+    return (np.trunc(frames).astype(np.int64) & 255).astype(np.uint8)
 
 
 def train_transform(
-    frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int, scale: tuple[float, float] = TRAIN_CROP_SCALE
+    frames_uint8: np.ndarray,
+    rng: np.random.Generator,
+    image_size: int,
+    scale: tuple[float, float] = TRAIN_CROP_SCALE,
+    wrap_uint8: bool = True,
 ) -> np.ndarray:
-    """The original `alpro_video_train`: one RandomResizedCrop box (area fraction `scale`, the original's
-    0.5–1; ratio 3/4–4/3) for the whole clip, bicubic back to image_size², cast to uint8 (see `_to_uint8`), /255,
-    CLIP-normalise. float32 out."""
+    """The original `alpro_video_train` on frames decoded at image_size² (decord's resize): one RandomResizedCrop
+    box (area fraction `scale`, the original's 0.5–1; ratio 3/4–4/3) for the whole clip, bicubic back to
+    image_size² as PyTorch computes it (no antialiasing), cast to uint8 (`to_uint8`: wrapping as the original
+    unless `wrap_uint8` is False), /255, CLIP-normalise. float32 out."""
     top, left, h, w = random_resized_crop_params(frames_uint8.shape[1], frames_uint8.shape[2], rng, scale=scale)
     crop = frames_uint8[:, top : top + h, left : left + w]
-    return normalize(_to_uint8(resize_bicubic(crop, image_size)))
+    return normalize(to_uint8(resize_bicubic(crop, image_size), wrap_uint8))
+
+
+def train_transform_native(
+    frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int, scale: tuple[float, float] = TRAIN_CROP_SCALE
+) -> np.ndarray:
+    """The clean variant of `train_transform` (not the original's): the crop box is drawn on the frames at their
+    native size and each crop is resized once, by Pillow's antialiased bicubic as the original's image path does,
+    instead of cropping frames already squashed to image_size² and scaling the crop back up. float32 out."""
+    from PIL import Image
+
+    top, left, h, w = random_resized_crop_params(frames_uint8.shape[1], frames_uint8.shape[2], rng, scale=scale)
+    crops = [
+        np.asarray(Image.fromarray(frame[top : top + h, left : left + w]).resize((image_size, image_size),
+                                                                                Image.BICUBIC))
+        for frame in frames_uint8
+    ]
+    return normalize(np.stack(crops))
 
 
 def eval_transform(frames_uint8: np.ndarray, image_size: int | None = None) -> np.ndarray:
-    """The original `alpro_video_eval`: frames decoded at image_size² already -> /255 -> CLIP-normalise. Frames of
-    another size (when image_size is given) are first resized bicubically."""
+    """The original `alpro_video_eval`: frames decoded at image_size² already (`read_frames_seeking`) -> /255 ->
+    CLIP-normalise. Frames of another size are refused: resizing here would not be decord's resize."""
     if image_size is not None and frames_uint8.shape[1:3] != (image_size, image_size):
-        frames_uint8 = _to_uint8(resize_bicubic(frames_uint8, image_size))
+        raise ValueError(f"eval_transform: frames of {frames_uint8.shape[1:3]} given for {image_size}²; decode them "
+                         f"at that size (read_frames_seeking(..., image_size)), as the original's decord does")
     return normalize(frames_uint8)

@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vllama_jax.config import require_family
-from vllama_jax.data import audio, records, video
+from vllama_jax.data import media, records
 from vllama_jax.data.prepare import shard_paths
 from vllama_jax.infer import chat_prompt
 from vllama_jax.infer.session import Session, decode_tokens, left_pad, load_session
@@ -60,27 +60,11 @@ def shard_items(folder: str | Path) -> Iterator[tuple[str, str, object]]:
         yield sample.id, sample.kind, sample.media
 
 
-def read_item(kind: str, source, session: Session, with_audio: bool) -> dict:
-    """The model inputs of one item: frames (T, S, S, 3) [+ fbank clips], and the frame times for the prompt."""
-    name = source if isinstance(source, str) else None
-    size = session.image_size
-    if kind == "image":
-        frames, _ = video.read_frames_seeking(source, [0], size, name=name)
-        return {"frames": video.normalize(frames), "seconds": None, "kind": kind}
-    count = (
-        video.count_frames(source) if isinstance(source, str) else records.probe_media(source, "video")["num_frames"]
-    )
-    indices, real = video.sample_indices_padded(count, session.num_frames, "uniform")
-    frames, fps = video.read_frames_seeking(source, indices, size, name=name)
-    out = {
-        "frames": video.normalize(frames),
-        "seconds": [float(i) / (fps or 1.0) for i in indices[:real]],
-        "kind": kind,
-    }
-    if with_audio:
-        clips, has_audio = audio.load_audio_clips(source, session.config.data.clips_per_video, name=name or "<bytes>")
-        out["audio"] = clips  # silence (zeros) when the video has no audio track, as in training
-    return out
+def read_item(kind: str, source, session: Session, with_audio: bool, name: str | None = None) -> dict:
+    """The model inputs of one item: frames (T, S, S, 3) [+ fbank clips], and the frame times for the prompt, read
+    by `data.media` as chat and the pipeline read them. `source` is a path or encoded bytes (`name` labels them)."""
+    clips = session.config.data.clips_per_video if with_audio else None
+    return media.item_inputs(kind, source, session.image_size, session.num_frames, clips, name)
 
 
 def prompt_ids(
@@ -140,7 +124,7 @@ def caption_all(
     with open(out_path, "w") as out, tqdm(desc="captioning", unit="clip", file=sys.stderr) as bar:
         for item_id, kind, source in items:
             try:
-                inputs = read_item(kind, source, session, with_audio)
+                inputs = read_item(kind, source, session, with_audio, name=item_id)
             except ValueError as err:  # unreadable media: recorded, counted, skipped
                 out.write(json.dumps({"id": item_id, "error": str(err)}) + "\n")
                 counts["skipped"] += 1

@@ -59,6 +59,8 @@ def model_and_pipeline(config, tokenizer) -> tuple[VideoLlamaConfig, PipelineCon
         num_frames=config.data.num_frames,
         frame_sampling=config.data.frame_sampling,
         crop_scale=tuple(config.data.crop_scale),
+        wrap_uint8=config.data.get("wrap_uint8", True),
+        crop_native=config.data.get("crop_native", False),
         num_soft_tokens=num_soft_tokens,
         image_token_id=model_cfg.image_token_id,
         text_length=text_length(branch, model_cfg, config.data.max_txt_len, prompt_text),

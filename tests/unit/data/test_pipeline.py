@@ -128,7 +128,8 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, tokenizer):
         video_sample(good, 3, caption=b"caf\xe9"),
         video_sample(short, 4),
         video_sample(good, 5),
-        dataclasses.replace(video_sample(good, 6), num_frames=0),  # zero frames
+        # a stale frame count (an older vllama-prepare's estimate): frames are counted from the file, decord's way
+        dataclasses.replace(video_sample(good, 6), num_frames=999),
     ]
     image = write_test_image(tmp_path / "tiny.jpg", size=(3, 2))
     bad.append(
@@ -151,8 +152,8 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, tokenizer):
     cfg = config(tokenizer, num_epochs=1, batch_size=len(bad) + 1)
     (batch,) = list(make_dataset([str(path)], cfg, tokenizer))
     counts = reason_counts(batch)
-    assert counts["examples"] == 3  # the short video (repaired), the good one, the image
-    assert counts["skipped/media_unreadable"] == 3
+    assert counts["examples"] == 4  # the short video (repaired), the good one, the stale count, the image
+    assert counts["skipped/media_unreadable"] == 2
     assert counts["skipped/caption_empty"] == 1 and counts["skipped/caption_not_utf8"] == 1
     assert counts["skipped/record_corrupt"] == 1
     assert counts["repaired/few_frames_repeated"] == 1

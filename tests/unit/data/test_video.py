@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllama_jax.data import video
+from vllama_jax.data import video, video_decode
 from vllama_jax.data.synthetic import write_test_video
 
 
@@ -156,25 +156,30 @@ def true_keyframes(path):
         return [round((f.pts - start) * tb * rate) for f in container.decode(stream) if f.key_frame]
 
 
+def open_decoder(path):
+    container = av.open(str(path))
+    table = video_decode.frame_table(container, str(path))
+    return video_decode._SeekingDecoder(container, str(path), table, reopen=lambda: av.open(str(path)))
+
+
 def test_seeking_decodes_only_part_of_a_long_clip(tmp_path):
     path = encode(tmp_path / "long.mp4", moving_bar(300), gop=50, options=NO_SCENECUT)  # 12 s at 25 fps, 2-s GOPs
     keyframes = true_keyframes(path)
     assert len(keyframes) == 6
     indices = video.frame_indices(300, 8)  # 0, 37, 75, ... 262: closer together than one GOP
-    with av.open(str(path)) as container:
-        decoder = video._SeekingDecoder(container, str(path))
-        assert decoder.keyframes == keyframes  # estimated from the mp4 index without decoding
-        for target in indices:
-            assert decoder.index_of(decoder.get(target).pts) == target
+    decoder = open_decoder(path)
+    assert list(decoder.table.keyframes) == keyframes  # from the packets' flags, without decoding
+    for target in indices:
+        assert decoder.table.index_of(decoder.get(target).pts, None) == target
     # it decodes on when no keyframe lies between (0 -> 37, 150 -> 187 with keyframes every ~50) and seeks else
     assert 4 <= decoder.seeks <= 7
     assert decoder.decoded_frames < 0.65 * 300, decoder.decoded_frames
-    # an index-less container (MPEG-TS): the GOP is learnt from the keyframes decoded so far
+    decoder.container.close()
+    # an index-less container (MPEG-TS): the keyframes come from the packets all the same
     ts = encode(tmp_path / "long.ts", moving_bar(300), gop=50, options=NO_SCENECUT)
-    with av.open(str(ts)) as container:
-        decoder = video._SeekingDecoder(container, str(ts), reopen=lambda: av.open(str(ts)))
-        assert decoder.keyframes is None
-        got = [decoder.index_of(decoder.get(t).pts) for t in indices]
+    decoder = open_decoder(ts)
+    got = [decoder.table.index_of(decoder.get(t).pts, None) for t in indices]
+    decoder.container.close()
     assert got == list(indices) and decoder.decoded_frames < 300, decoder.decoded_frames
     full, _ = video.read_frames(ts, indices, 32)
     np.testing.assert_array_equal(video.read_frames_seeking(ts, indices, 32)[0], full)
@@ -352,10 +357,16 @@ def test_train_transform_matches_a_torch_reference():
     top, left, h, w = video.random_resized_crop_params(60, 80, np.random.default_rng(seed))
     crop = torch.from_numpy(frames).double().permute(3, 0, 1, 2)[:, :, top : top + h, left : left + w]  # (C, T, H, W)
     resized = torch.nn.functional.interpolate(crop, size=(32, 32), mode="bicubic", align_corners=False)
-    as_uint8 = resized.clamp(0, 255).to(torch.uint8)  # clamped: torch alone would wrap out-of-range values
+    assert ((resized < 0) | (resized > 255)).any()  # bicubic overshoot on noise: the cast's two behaviours differ
+    as_uint8 = resized.to(torch.uint8)  # the original's cast: out-of-range values wrap around
     reference = clip_normalize(as_uint8.permute(1, 2, 3, 0).float() / 255.0).numpy()
     assert ours.shape == (4, 32, 32, 3) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, reference, atol=1e-5)
+    # the clean variant (data.wrap_uint8 = False) clips them
+    clean = video.train_transform(frames, np.random.default_rng(seed), 32, wrap_uint8=False)
+    reference = clip_normalize(resized.clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).float() / 255.0).numpy()
+    np.testing.assert_allclose(clean, reference, atol=1e-5)
+    assert not np.array_equal(clean, ours)
     # one crop box for the whole clip: identical frames stay identical
     same = video.train_transform(np.repeat(frames[:1], 3, axis=0), np.random.default_rng(0), 32)
     assert (same[0] == same[1]).all() and (same[1] == same[2]).all()
@@ -365,8 +376,20 @@ def test_train_transform_matches_a_torch_reference():
     assert h * w >= 0.88 * 60 * 80 and not np.array_equal(mild, ours)
     crop = torch.from_numpy(frames).double().permute(3, 0, 1, 2)[:, :, top : top + h, left : left + w]
     resized = torch.nn.functional.interpolate(crop, size=(32, 32), mode="bicubic", align_corners=False)
-    reference = clip_normalize(resized.clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).float() / 255.0).numpy()
+    reference = clip_normalize(resized.to(torch.uint8).permute(1, 2, 3, 0).float() / 255.0).numpy()
     np.testing.assert_allclose(mild, reference, atol=1e-5)
+
+
+def test_the_clean_train_crop_cuts_the_native_frames_and_resizes_once():
+    from PIL import Image
+
+    frames = np.random.default_rng(2).integers(0, 256, (3, 90, 160, 3), dtype=np.uint8)
+    ours = video.train_transform_native(frames, np.random.default_rng(4), 32)
+    top, left, h, w = video.random_resized_crop_params(90, 160, np.random.default_rng(4))
+    for frame, got in zip(frames, ours):
+        crop = Image.fromarray(frame).crop((left, top, left + w, top + h)).resize((32, 32), Image.BICUBIC)
+        reference = clip_normalize(torch.from_numpy(np.array(crop)).float() / 255.0).numpy()
+        np.testing.assert_allclose(got, reference, atol=1e-6)
 
 
 def test_eval_transform():
@@ -374,7 +397,8 @@ def test_eval_transform():
     reference = clip_normalize(torch.from_numpy(frames).float() / 255.0).numpy()
     np.testing.assert_allclose(video.eval_transform(frames), reference, atol=1e-6)
     np.testing.assert_array_equal(video.eval_transform(frames, 28), video.eval_transform(frames))
-    assert video.eval_transform(frames[:, :10, :20], 28).shape == (8, 28, 28, 3)
+    with pytest.raises(ValueError, match="decode them at that size"):
+        video.eval_transform(frames[:, :10, :20], 28)  # another resize would not be decord's
 
 
 def test_sample_indices_padded():
