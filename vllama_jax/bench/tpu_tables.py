@@ -25,19 +25,20 @@ _7B_STAGE2 = "configs/video_llama.py:llm=llama2_7b_chat,recipe=vision_stage2"
 # stage 2's text: the Video-ChatGPT-style instruction prompts reach 512 tokens with the 32 soft tokens
 STAGE2_TEXT = 512
 
-# (row name, config, topology, mesh, extra flags): the planning table, stage 1, one example per replica.
+# (row name, config, topology, mesh, extra flags): the planning table, stage 1, one example per replica. A v5e
+# 16x16 slice holds only axes of 1, 16 or 256 chips (its torus is 16 x 16: tensor=4 is refused).
 PLAN_ROWS = (
     ("7b-v5e-4-fsdp", _7B, "v5e:2x2", "fsdp=4", ()),
     ("7b-v5e-16-fsdp", _7B, "v5e:4x4", "fsdp=16", ()),
     ("7b-v5e-16-fsdp-tp", _7B, "v5e:4x4", "fsdp=4,tensor=4", ()),
     ("7b-v5e-256-fsdp", _7B, "v5e:16x16", "fsdp=256", ()),
-    ("7b-v5e-256-fsdp-tp", _7B, "v5e:16x16", "fsdp=64,tensor=4", ()),
+    ("7b-v5e-256-fsdp-tp", _7B, "v5e:16x16", "fsdp=16,tensor=16", ()),
     ("7b-v5p-4-fsdp", _7B, "v5p:2x2x1", "fsdp=4", ()),
     ("7b-v5p-64-fsdp", _7B, "v5p:4x4x4", "fsdp=64", ()),
     ("7b-v5p-64-fsdp-tp", _7B, "v5p:4x4x4", "fsdp=16,tensor=4", ()),
     ("7b-v5p-256-fsdp", _7B, "v5p:4x8x8", "fsdp=256", ()),
     ("13b-v5e-16-fsdp", _13B, "v5e:4x4", "fsdp=16", ()),
-    ("13b-v5e-256-fsdp-tp", _13B, "v5e:16x16", "fsdp=64,tensor=4", ()),
+    ("13b-v5e-256-fsdp-tp", _13B, "v5e:16x16", "fsdp=16,tensor=16", ()),
     ("13b-v5p-4-fsdp", _13B, "v5p:2x2x1", "fsdp=4", ()),
     ("13b-v5p-128-fsdp-tp", _13B, "v5p:4x4x8", "fsdp=32,tensor=4", ()),
     ("13b-v5p-256-fsdp", _13B, "v5p:4x8x8", "fsdp=256", ()),
